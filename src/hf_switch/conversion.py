@@ -1,0 +1,78 @@
+"""Interoperability with transformers' own `SwitchTransformers` checkpoints (the `google/switch-*` layout).
+
+transformers keeps one `nn.Linear` per expert (`mlp.experts.expert_{e}.wi.weight`, `[d_ff, d_model]`); hf_switch
+stacks them (`mlp.experts.wi`, `[E, d_ff, d_model]`). The rest of the module tree is the same, so one registered
+checkpoint conversion (stack on load, unstack on demand) is all it takes.
+"""
+
+import os
+
+from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
+from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+from transformers.core_model_loading import MergeModulelist, WeightConverter, revert_weight_conversion
+
+from .configuration_switch import SwitchConfig
+from .modeling_switch import SwitchForConditionalGeneration
+
+
+def _expert_weight_converters() -> list[WeightConverter]:
+    return [
+        WeightConverter(
+            source_patterns=f".experts.expert_*.{name}.weight",
+            target_patterns=f".experts.{name}",
+            operations=[MergeModulelist(dim=0)],
+        )
+        for name in ("wi", "wo")
+    ]
+
+
+def register_checkpoint_conversion() -> None:
+    """Let `from_pretrained` stack transformers' per-expert weights (idempotent)."""
+    register_checkpoint_conversion_mapping(SwitchConfig.model_type, _expert_weight_converters(), overwrite=True)
+
+
+def switch_config_from_transformers(config: SwitchTransformersConfig) -> SwitchConfig:
+    """The `SwitchConfig` that computes what a transformers `SwitchTransformersConfig` computes."""
+    return SwitchConfig(**SwitchConfig.dict_from_switch_transformers(config.to_dict()))
+
+
+def transformers_config_from_switch(config: SwitchConfig) -> SwitchTransformersConfig:
+    """The transformers `SwitchTransformersConfig` of a model; raises where transformers cannot express it."""
+    unsupported = {
+        "feed_forward_proj": (config.is_gated_act, "a non-gated activation (transformers' experts are not gated)"),
+        "router_top_k": (config.router_top_k != 1, "1 (transformers routes top-1 only)"),
+        "expert_capacity": (
+            config.expert_capacity is None,
+            "an absolute capacity (transformers has no capacity factor and no dropless routing)",
+        ),
+        "router_ignore_padding_tokens": (
+            config.router_ignore_padding_tokens,
+            "False (transformers routes padding tokens)",
+        ),
+    }
+    for field, (is_unsupported, allowed) in unsupported.items():
+        if is_unsupported:
+            raise ValueError(
+                f"SwitchConfig.{field}={getattr(config, field)!r} has no transformers equivalent: it must be {allowed}."
+            )
+    shared = {
+        k: v
+        for k, v in config.to_dict().items()
+        if k in SwitchTransformersConfig.__dataclass_fields__ and k not in ("model_type", "architectures")
+    }
+    shared["dense_act_fn"] = config.dense_act_fn
+    # Not a SwitchTransformersConfig field, but its `_shift_right` and `generate` read it.
+    shared["decoder_start_token_id"] = config.decoder_start_token_id
+    return SwitchTransformersConfig(**shared)
+
+
+def save_as_switch_transformers(model: SwitchForConditionalGeneration, save_directory: str | os.PathLike) -> None:
+    """Write `model` as a transformers `SwitchTransformersForConditionalGeneration` folder.
+
+    The weights are unstacked by reverting the registered conversion and loaded strictly into transformers' class,
+    so a key or shape that does not fit raises instead of being dropped.
+    """
+    reference = SwitchTransformersForConditionalGeneration(transformers_config_from_switch(model.config))
+    state_dict = revert_weight_conversion(model, dict(model.state_dict()))
+    reference.load_state_dict(state_dict, strict=True)
+    reference.save_pretrained(save_directory)

@@ -1,0 +1,674 @@
+"""Switch Transformers: a T5 encoder-decoder whose feed-forward layers are, every few layers, a mixture of experts.
+
+Attention, layer norms and dense feed-forward layers are transformers' own T5 modules; this file adds the sparse
+feed-forward layer (router -> group tokens by expert -> experts -> combine), the stacks that collect routing losses
+and statistics, and the model classes. Shapes: `B` batch, `T` sequence length, `d` d_model, `E` experts.
+"""
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import initialization as init
+from transformers.cache_utils import Cache, EncoderDecoderCache
+from transformers.generation import GenerationMixin
+from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import ModelOutput
+from transformers.modeling_utils import PreTrainedModel
+from transformers.models.t5.modeling_t5 import (
+    T5Attention,
+    T5DenseActDense,
+    T5DenseGatedActDense,
+    T5LayerCrossAttention,
+    T5LayerNorm,
+    T5LayerSelfAttention,
+)
+from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+
+from .cache import SwitchCache
+from .configuration_switch import SwitchConfig
+from .experts import SwitchExperts, combine, group_by_expert
+from .routing import RoutingStats, SwitchRouter, routing_stats
+
+
+class SwitchSparseMLP(nn.Module):
+    """Mixture-of-experts feed-forward: route, group tokens by expert, run the experts, combine.
+
+    A token that no expert takes (dropped by capacity, or ignored padding) gets zeros here, so it passes through
+    the layer's residual connection unchanged.
+    """
+
+    def __init__(self, config: SwitchConfig):
+        super().__init__()
+        self.router = SwitchRouter(config)
+        self.experts = SwitchExperts(config)
+
+    def forward(self, hidden_states, token_mask, causal=False, past_expert_index=None):
+        """`hidden_states` `[B, T, d]`, `token_mask` `[B, T]` -> (`[B, T, d]`, `RouterDecision`)."""
+        batch, length, width = hidden_states.shape
+        decision = self.router(hidden_states, token_mask, causal=causal, past_expert_index=past_expert_index)
+        top_k = decision.expert_index.shape[-1]
+        dispatch = group_by_expert(
+            decision.expert_index.reshape(-1, top_k),
+            decision.expert_weight.to(hidden_states.dtype).reshape(-1, top_k),
+            decision.kept.reshape(-1, top_k),
+            self.experts.num_experts,
+        )
+        tokens = hidden_states.reshape(-1, width)[dispatch.token_ids]
+        expert_outputs = self.experts(tokens, dispatch.tokens_per_expert)
+        output = combine(expert_outputs, dispatch, batch * length)
+        return output.reshape(batch, length, width), decision
+
+
+class SwitchLayerFF(nn.Module):
+    """Pre-norm feed-forward sub-layer with a residual connection; dense (T5's) or sparse."""
+
+    def __init__(self, config: SwitchConfig, is_sparse: bool):
+        super().__init__()
+        self.is_sparse = is_sparse
+        if is_sparse:
+            self.mlp = SwitchSparseMLP(config)
+        elif config.is_gated_act:
+            self.mlp = T5DenseGatedActDense(config)
+        else:
+            self.mlp = T5DenseActDense(config)
+        self.layer_norm = T5LayerNorm(config.d_model, eps=config.layer_norm_epsilon)
+        self.dropout = nn.Dropout(config.dropout_rate)
+
+    def forward(self, hidden_states, token_mask, causal=False, past_expert_index=None):
+        """`[B, T, d]` -> (`[B, T, d]`, `RouterDecision` or None for a dense layer)."""
+        normed = self.layer_norm(hidden_states)
+        decision = None
+        if self.is_sparse:
+            normed, decision = self.mlp(normed, token_mask, causal=causal, past_expert_index=past_expert_index)
+        else:
+            normed = self.mlp(normed)
+        return hidden_states + self.dropout(normed), decision
+
+
+class SwitchBlock(GradientCheckpointingLayer):
+    """One layer: self-attention, cross-attention (decoder only), feed-forward."""
+
+    def __init__(self, config: SwitchConfig, has_relative_attention_bias: bool, is_sparse: bool, layer_idx: int):
+        super().__init__()
+        self.is_decoder = config.is_decoder
+        self.layer_idx = layer_idx
+        self.layer = nn.ModuleList(
+            [T5LayerSelfAttention(config, has_relative_attention_bias=has_relative_attention_bias, layer_idx=layer_idx)]
+        )
+        if self.is_decoder:
+            self.layer.append(T5LayerCrossAttention(config, layer_idx=layer_idx))
+        self.layer.append(SwitchLayerFF(config, is_sparse=is_sparse))
+
+    @property
+    def is_sparse(self) -> bool:
+        return self.layer[-1].is_sparse
+
+    def forward(
+        self,
+        hidden_states,
+        attention_mask=None,
+        position_bias=None,
+        encoder_hidden_states=None,
+        encoder_attention_mask=None,
+        encoder_decoder_position_bias=None,
+        token_mask=None,
+        cache=None,
+        **kwargs,
+    ):
+        """`[B, T, d]` -> (`[B, T, d]`, self-attention bias, cross-attention bias, `RouterDecision` or None)."""
+        hidden_states, position_bias, _ = self.layer[0](
+            hidden_states, attention_mask=attention_mask, position_bias=position_bias, cache=cache, **kwargs
+        )
+        if self.is_decoder and encoder_hidden_states is not None:
+            hidden_states, encoder_decoder_position_bias, _ = self.layer[1](
+                hidden_states,
+                key_value_states=encoder_hidden_states,
+                attention_mask=encoder_attention_mask,
+                position_bias=encoder_decoder_position_bias,
+                cache=cache,
+                **kwargs,
+            )
+        past_expert_index = None
+        if self.is_sparse and isinstance(cache, SwitchCache):
+            past_expert_index = cache.routed_experts(self.layer_idx)
+        hidden_states, decision = self.layer[-1](
+            hidden_states, token_mask, causal=self.is_decoder, past_expert_index=past_expert_index
+        )
+        if decision is not None and isinstance(cache, SwitchCache):
+            cache.record_routing(self.layer_idx, decision.expert_index, decision.token_mask)
+        return hidden_states, position_bias, encoder_decoder_position_bias, decision
+
+
+@dataclass
+class SwitchStackOutput(ModelOutput):
+    """Output of an encoder or decoder stack.
+
+    Args:
+        last_hidden_state: `[B, T, d]`.
+        cache: the decoder's `SwitchCache` when caching.
+        hidden_states, attentions, cross_attentions: as in T5, on request.
+        aux_loss: scalar, sum over sparse layers of the load-balancing loss (0 without sparse layers).
+        z_loss: scalar, sum over sparse layers of the router z-loss.
+        router_logits: per sparse layer `[B, T, E]`, on request (`output_router_logits=True`).
+        expert_counts: `[num_sparse_layers, E]` token slots each expert filled.
+        dropped_fraction: `[num_sparse_layers]` fraction of routed slots dropped by capacity.
+    """
+
+    last_hidden_state: torch.Tensor | None = None
+    cache: Cache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+    cross_attentions: tuple[torch.Tensor, ...] | None = None
+    aux_loss: torch.Tensor | None = None
+    z_loss: torch.Tensor | None = None
+    router_logits: tuple[torch.Tensor, ...] | None = None
+    expert_counts: torch.Tensor | None = None
+    dropped_fraction: torch.Tensor | None = None
+
+
+@dataclass
+class SwitchSeq2SeqOutput(ModelOutput):
+    """Output of [`SwitchModel`] and [`SwitchForConditionalGeneration`].
+
+    Args:
+        loss: scalar, cross-entropy + aux_coef * (encoder + decoder aux loss) + z_coef * (encoder + decoder z-loss),
+            when `labels` are given.
+        logits: `[B, T_dec, vocab_size]` (language-model head only).
+        last_hidden_state: `[B, T_dec, d]` (base model only).
+        Other fields as in [`SwitchStackOutput`], prefixed by the stack they come from.
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    last_hidden_state: torch.Tensor | None = None
+    cache: Cache | None = None
+    decoder_hidden_states: tuple[torch.Tensor, ...] | None = None
+    decoder_attentions: tuple[torch.Tensor, ...] | None = None
+    cross_attentions: tuple[torch.Tensor, ...] | None = None
+    encoder_last_hidden_state: torch.Tensor | None = None
+    encoder_hidden_states: tuple[torch.Tensor, ...] | None = None
+    encoder_attentions: tuple[torch.Tensor, ...] | None = None
+    encoder_aux_loss: torch.Tensor | None = None
+    encoder_z_loss: torch.Tensor | None = None
+    decoder_aux_loss: torch.Tensor | None = None
+    decoder_z_loss: torch.Tensor | None = None
+    encoder_router_logits: tuple[torch.Tensor, ...] | None = None
+    decoder_router_logits: tuple[torch.Tensor, ...] | None = None
+    encoder_expert_counts: torch.Tensor | None = None
+    decoder_expert_counts: torch.Tensor | None = None
+    encoder_dropped_fraction: torch.Tensor | None = None
+    decoder_dropped_fraction: torch.Tensor | None = None
+
+
+class SwitchPreTrainedModel(PreTrainedModel):
+    config: SwitchConfig
+    base_model_prefix = "switch"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["SwitchBlock"]
+    # The relative position bias is passed to the attention functions, which flash attention cannot take.
+    _supports_flash_attn = False
+    _supports_flex_attn = True
+    _supports_sdpa = True
+    # Routing is data-dependent (capacity, token grouping), which breaks full-graph capture.
+    _can_compile_fullgraph = False
+    _can_record_outputs = {
+        "hidden_states": OutputRecorder(SwitchBlock, index=0),
+        "attentions": OutputRecorder(T5LayerSelfAttention, index=-1),
+        "cross_attentions": OutputRecorder(T5LayerCrossAttention, index=-1),
+    }
+
+    def save_pretrained(self, save_directory, *args, save_original_format: bool = False, **kwargs):
+        """`PreTrainedModel.save_pretrained`, keeping the experts stacked by default.
+
+        transformers would otherwise revert the registered checkpoint conversion and write transformers' per-expert
+        layout, which a remote-code load (no conversion registered) could not read back. Use
+        `hf_switch.save_as_switch_transformers` to write a transformers `SwitchTransformers` folder.
+        """
+        return super().save_pretrained(save_directory, *args, save_original_format=save_original_format, **kwargs)
+
+    def _initialize_weights(self, module, is_custom_code: bool = False):
+        # transformers skips, for custom code, modules that own no parameters themselves (T5Attention, the router)
+        # in case their init writes in place. Ours uses `transformers.initialization`, which leaves loaded tensors
+        # alone, so every module can be initialised.
+        super()._initialize_weights(module, is_custom_code=False)
+
+    def _init_weights(self, module):
+        """T5's initialisation; router weights as in the paper (normal, std sqrt(0.1 / fan_in))."""
+        super()._init_weights(module)
+        factor = self.config.initializer_factor
+        d_model, d_ff = self.config.d_model, self.config.d_ff
+        if isinstance(module, T5LayerNorm):
+            init.constant_(module.weight, factor * 1.0)
+        elif isinstance(module, (SwitchEncoderDecoderModel, SwitchEncoderModel)):
+            init.normal_(module.shared.weight, mean=0.0, std=factor * 1.0)
+            if hasattr(module, "lm_head") and not self.config.tie_word_embeddings:
+                init.normal_(module.lm_head.weight, mean=0.0, std=factor * 1.0)
+        elif isinstance(module, (T5DenseActDense, T5DenseGatedActDense)):
+            for name in ("wi", "wi_0", "wi_1"):
+                if hasattr(module, name):
+                    init.normal_(getattr(module, name).weight, mean=0.0, std=factor * d_model**-0.5)
+            init.normal_(module.wo.weight, mean=0.0, std=factor * d_ff**-0.5)
+        elif isinstance(module, SwitchExperts):
+            for name in ("wi", "wi_0", "wi_1"):
+                if hasattr(module, name):
+                    init.normal_(getattr(module, name), mean=0.0, std=factor * d_model**-0.5)
+            init.normal_(module.wo, mean=0.0, std=factor * d_ff**-0.5)
+        elif isinstance(module, SwitchRouter):
+            init.normal_(module.classifier.weight, mean=0.0, std=factor * (0.1 / d_model) ** 0.5)
+            if module.classifier.bias is not None:
+                init.zeros_(module.classifier.bias)
+        elif isinstance(module, T5Attention):
+            key_value_proj_dim, n_heads = self.config.d_kv, self.config.num_heads
+            init.normal_(module.q.weight, mean=0.0, std=factor * ((d_model * key_value_proj_dim) ** -0.5))
+            init.normal_(module.k.weight, mean=0.0, std=factor * (d_model**-0.5))
+            init.normal_(module.v.weight, mean=0.0, std=factor * (d_model**-0.5))
+            init.normal_(module.o.weight, mean=0.0, std=factor * ((n_heads * key_value_proj_dim) ** -0.5))
+            if module.has_relative_attention_bias:
+                init.normal_(module.relative_attention_bias.weight, mean=0.0, std=factor * (d_model**-0.5))
+
+    def _shift_right(self, input_ids):
+        """Decoder inputs from labels: prepend `decoder_start_token_id`, replace -100 by `pad_token_id`."""
+        decoder_start_token_id = self.config.decoder_start_token_id
+        pad_token_id = self.config.pad_token_id
+        if decoder_start_token_id is None or pad_token_id is None:
+            raise ValueError(
+                "SwitchConfig.decoder_start_token_id and pad_token_id must be set to shift labels into decoder inputs "
+                f"(got {decoder_start_token_id!r} and {pad_token_id!r}); T5 uses the pad token id for both."
+            )
+        shifted = input_ids.new_zeros(input_ids.shape)
+        shifted[..., 1:] = input_ids[..., :-1].clone()
+        shifted[..., 0] = decoder_start_token_id
+        return shifted.masked_fill_(shifted == -100, pad_token_id)
+
+
+class SwitchStack(SwitchPreTrainedModel):
+    """The encoder or the decoder: embeddings, blocks, final norm; collects the sparse layers' routing."""
+
+    def __init__(self, config: SwitchConfig, sparse_layers: list[int]):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
+        self.is_decoder = config.is_decoder
+        self.block = nn.ModuleList(
+            [
+                SwitchBlock(config, has_relative_attention_bias=i == 0, is_sparse=i in sparse_layers, layer_idx=i)
+                for i in range(config.num_layers)
+            ]
+        )
+        self.final_layer_norm = T5LayerNorm(config.d_model, eps=config.layer_norm_epsilon)
+        self.dropout = nn.Dropout(config.dropout_rate)
+        self.post_init()
+
+    def set_input_embeddings(self, new_embeddings):
+        self.embed_tokens = new_embeddings
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        encoder_hidden_states=None,
+        encoder_attention_mask=None,
+        inputs_embeds=None,
+        cache=None,
+        use_cache=None,
+        output_router_logits=False,
+        **kwargs,
+    ) -> SwitchStackOutput:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
+        if inputs_embeds is None:
+            _check_token_ids(input_ids, self.config.vocab_size)
+            inputs_embeds = self.embed_tokens(input_ids)
+
+        if not self.is_decoder:
+            cache = None
+        elif use_cache and cache is None:
+            cache = SwitchCache(config=self.config)
+        elif isinstance(cache, EncoderDecoderCache):
+            cache = SwitchCache.wrap(cache)
+
+        token_mask = _routing_mask(attention_mask, inputs_embeds, self.config.router_ignore_padding_tokens)
+        if self.is_decoder:
+            attention_mask = create_causal_mask(
+                config=self.config,
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                cache=cache.self_attention_cache if cache is not None else None,
+            )
+        else:
+            attention_mask = create_bidirectional_mask(
+                config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask
+            )
+        encoder_extended_attention_mask = None
+        if self.is_decoder and encoder_hidden_states is not None:
+            encoder_extended_attention_mask = create_bidirectional_mask(
+                config=self.config,
+                inputs_embeds=inputs_embeds,
+                attention_mask=encoder_attention_mask,
+                encoder_hidden_states=encoder_hidden_states,
+            )
+
+        hidden_states = self.dropout(inputs_embeds)
+        position_bias = encoder_decoder_position_bias = None
+        stats: list[RoutingStats] = []
+        for block in self.block:
+            hidden_states, position_bias, encoder_decoder_position_bias, decision = block(
+                hidden_states,
+                attention_mask,
+                position_bias,
+                encoder_hidden_states,
+                encoder_extended_attention_mask,
+                encoder_decoder_position_bias,
+                token_mask,
+                cache=cache,
+                **kwargs,
+            )
+            if decision is not None:
+                stats.append(routing_stats(decision))
+
+        hidden_states = self.dropout(self.final_layer_norm(hidden_states))
+        return SwitchStackOutput(
+            last_hidden_state=hidden_states,
+            cache=cache,
+            **_summarize_routing(stats, hidden_states, output_router_logits),
+        )
+
+
+def _check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= vocab_size):
+        bad = input_ids[(input_ids < 0) | (input_ids >= vocab_size)][0].item()
+        raise ValueError(f"input_ids: token id {bad} is outside the vocabulary [0, vocab_size={vocab_size}).")
+
+
+def _routing_mask(attention_mask, inputs_embeds, ignore_padding: bool) -> torch.Tensor:
+    """`[B, T]` tokens that take part in routing: all, or the unpadded ones when padding is ignored."""
+    batch, length = inputs_embeds.shape[:2]
+    if not ignore_padding or attention_mask is None:
+        return torch.ones(batch, length, dtype=torch.bool, device=inputs_embeds.device)
+    # During cached decoding the mask covers past and new positions; the new ones are last.
+    return attention_mask[:, -length:].to(device=inputs_embeds.device, dtype=torch.bool)
+
+
+def _summarize_routing(stats: list[RoutingStats], hidden_states, output_router_logits: bool) -> dict:
+    """Sum the layers' router losses and stack their loads into `SwitchStackOutput` fields."""
+    if not stats:
+        zero = hidden_states.new_zeros((), dtype=torch.float32)
+        return {"aux_loss": zero, "z_loss": zero}
+    return {
+        "aux_loss": torch.stack([layer.aux_loss for layer in stats]).sum(),
+        "z_loss": torch.stack([layer.z_loss for layer in stats]).sum(),
+        "router_logits": tuple(layer.router_logits for layer in stats) if output_router_logits else None,
+        "expert_counts": torch.stack([layer.expert_counts for layer in stats]),
+        "dropped_fraction": torch.stack([layer.dropped_fraction for layer in stats]),
+    }
+
+
+class SwitchEncoderDecoderModel(SwitchPreTrainedModel):
+    """Shared embeddings, encoder and decoder; the base of [`SwitchModel`] and [`SwitchForConditionalGeneration`]."""
+
+    _tied_weights_keys = {
+        "encoder.embed_tokens.weight": "shared.weight",
+        "decoder.embed_tokens.weight": "shared.weight",
+    }
+
+    def __init__(self, config: SwitchConfig):
+        super().__init__(config)
+        self.shared = nn.Embedding(config.vocab_size, config.d_model)
+
+        encoder_config = copy.deepcopy(config)
+        encoder_config.is_decoder = False
+        encoder_config.use_cache = False
+        self.encoder = SwitchStack(encoder_config, config.sparse_encoder_layers)
+
+        decoder_config = copy.deepcopy(config)
+        decoder_config.is_decoder = True
+        decoder_config.num_layers = config.num_decoder_layers
+        self.decoder = SwitchStack(decoder_config, config.sparse_decoder_layers)
+
+    def get_input_embeddings(self):
+        return self.shared
+
+    def set_input_embeddings(self, new_embeddings):
+        self.shared = new_embeddings
+        self.encoder.set_input_embeddings(new_embeddings)
+        self.decoder.set_input_embeddings(new_embeddings)
+
+    def get_encoder(self):
+        return self.encoder
+
+    def _encode_decode(
+        self,
+        input_ids,
+        attention_mask,
+        decoder_input_ids,
+        decoder_attention_mask,
+        encoder_outputs,
+        cache,
+        inputs_embeds,
+        decoder_inputs_embeds,
+        use_cache,
+        output_router_logits,
+        **kwargs,
+    ) -> tuple[SwitchStackOutput, SwitchStackOutput]:
+        if encoder_outputs is None:
+            encoder_outputs = self.encoder(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                inputs_embeds=inputs_embeds,
+                output_router_logits=output_router_logits,
+                **kwargs,
+            )
+        elif not isinstance(encoder_outputs, SwitchStackOutput):
+            encoder_outputs = SwitchStackOutput(last_hidden_state=encoder_outputs[0])
+        decoder_outputs = self.decoder(
+            input_ids=decoder_input_ids,
+            attention_mask=decoder_attention_mask,
+            inputs_embeds=decoder_inputs_embeds,
+            cache=cache,
+            encoder_hidden_states=encoder_outputs.last_hidden_state,
+            encoder_attention_mask=attention_mask,
+            use_cache=use_cache,
+            output_router_logits=output_router_logits,
+            **kwargs,
+        )
+        return encoder_outputs, decoder_outputs
+
+    @staticmethod
+    def _seq2seq_output(encoder_outputs, decoder_outputs, **fields) -> SwitchSeq2SeqOutput:
+        return SwitchSeq2SeqOutput(
+            cache=decoder_outputs.cache,
+            decoder_hidden_states=decoder_outputs.hidden_states,
+            decoder_attentions=decoder_outputs.attentions,
+            cross_attentions=decoder_outputs.cross_attentions,
+            encoder_last_hidden_state=encoder_outputs.last_hidden_state,
+            encoder_hidden_states=encoder_outputs.hidden_states,
+            encoder_attentions=encoder_outputs.attentions,
+            encoder_aux_loss=encoder_outputs.aux_loss,
+            encoder_z_loss=encoder_outputs.z_loss,
+            decoder_aux_loss=decoder_outputs.aux_loss,
+            decoder_z_loss=decoder_outputs.z_loss,
+            encoder_router_logits=encoder_outputs.router_logits,
+            decoder_router_logits=decoder_outputs.router_logits,
+            encoder_expert_counts=encoder_outputs.expert_counts,
+            decoder_expert_counts=decoder_outputs.expert_counts,
+            encoder_dropped_fraction=encoder_outputs.dropped_fraction,
+            decoder_dropped_fraction=decoder_outputs.dropped_fraction,
+            **fields,
+        )
+
+
+class SwitchModel(SwitchEncoderDecoderModel):
+    """The bare encoder-decoder, returning the decoder's last hidden state."""
+
+    def __init__(self, config: SwitchConfig):
+        super().__init__(config)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        decoder_input_ids=None,
+        decoder_attention_mask=None,
+        encoder_outputs=None,
+        cache=None,
+        inputs_embeds=None,
+        decoder_inputs_embeds=None,
+        use_cache=None,
+        output_router_logits=False,
+        **kwargs,
+    ) -> SwitchSeq2SeqOutput:
+        encoder_outputs, decoder_outputs = self._encode_decode(
+            input_ids,
+            attention_mask,
+            decoder_input_ids,
+            decoder_attention_mask,
+            encoder_outputs,
+            cache,
+            inputs_embeds,
+            decoder_inputs_embeds,
+            use_cache,
+            output_router_logits,
+            **kwargs,
+        )
+        return self._seq2seq_output(
+            encoder_outputs, decoder_outputs, last_hidden_state=decoder_outputs.last_hidden_state
+        )
+
+
+class SwitchForConditionalGeneration(SwitchEncoderDecoderModel, GenerationMixin):
+    """Switch Transformer with a language-modelling head, for training and `generate()`.
+
+    The loss is the token cross-entropy plus the router losses of every sparse layer. When the Trainer passes
+    `num_items_in_batch`, the cross-entropy is summed and divided by it and the router losses are weighted by this
+    batch's share of those items, so gradient accumulation and several processes give the loss of one big batch.
+    """
+
+    _tied_weights_keys = {
+        **SwitchEncoderDecoderModel._tied_weights_keys,
+        "lm_head.weight": "shared.weight",
+    }
+
+    def __init__(self, config: SwitchConfig):
+        super().__init__(config)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        decoder_input_ids=None,
+        decoder_attention_mask=None,
+        encoder_outputs=None,
+        cache=None,
+        inputs_embeds=None,
+        decoder_inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        output_router_logits=False,
+        num_items_in_batch=None,
+        **kwargs,
+    ) -> SwitchSeq2SeqOutput:
+        r"""
+        input_ids: `[B, T]` encoder token ids.
+        decoder_input_ids: `[B, T_dec]`; built from `labels` by shifting right when absent.
+        labels: `[B, T_dec]` target ids, -100 where ignored.
+        output_router_logits: also return each sparse layer's `[B, T, E]` router logits.
+        num_items_in_batch: number of target tokens in the whole (accumulated, all-process) batch.
+        """
+        if labels is not None and decoder_input_ids is None and decoder_inputs_embeds is None:
+            decoder_input_ids = self._shift_right(labels)
+        encoder_outputs, decoder_outputs = self._encode_decode(
+            input_ids,
+            attention_mask,
+            decoder_input_ids,
+            decoder_attention_mask,
+            encoder_outputs,
+            cache,
+            inputs_embeds,
+            decoder_inputs_embeds,
+            use_cache,
+            output_router_logits,
+            **kwargs,
+        )
+        sequence_output = decoder_outputs.last_hidden_state
+        if self.config.tie_word_embeddings:
+            # Mesh TensorFlow rescales before the tied projection onto the vocabulary.
+            sequence_output = sequence_output * (self.config.d_model**-0.5)
+        logits = self.lm_head(sequence_output)
+
+        loss = None
+        if labels is not None:
+            loss = self._loss(logits, labels, encoder_outputs, decoder_outputs, num_items_in_batch)
+        return self._seq2seq_output(encoder_outputs, decoder_outputs, loss=loss, logits=logits)
+
+    def _loss(self, logits, labels, encoder_outputs, decoder_outputs, num_items_in_batch):
+        labels = labels.to(logits.device)
+        router_loss = self.config.router_aux_loss_coef * decoder_outputs.aux_loss
+        router_loss = router_loss + self.config.router_z_loss_coef * decoder_outputs.z_loss
+        if encoder_outputs.aux_loss is not None:
+            router_loss = router_loss + self.config.router_aux_loss_coef * encoder_outputs.aux_loss
+            router_loss = router_loss + self.config.router_z_loss_coef * encoder_outputs.z_loss
+        flat_logits = logits.reshape(-1, logits.shape[-1]).float()
+        if num_items_in_batch is None:
+            return nn.functional.cross_entropy(flat_logits, labels.reshape(-1), ignore_index=-100) + router_loss
+        token_loss = nn.functional.cross_entropy(flat_logits, labels.reshape(-1), ignore_index=-100, reduction="sum")
+        num_items_in_batch = torch.as_tensor(num_items_in_batch, device=logits.device)
+        share = (labels != -100).sum() / num_items_in_batch
+        return token_loss / num_items_in_batch + router_loss * share
+
+    def prepare_decoder_input_ids_from_labels(self, labels: torch.Tensor):
+        return self._shift_right(labels)
+
+
+class SwitchEncoderModel(SwitchPreTrainedModel):
+    """The encoder alone, for embeddings and classification heads."""
+
+    _tied_weights_keys = {"encoder.embed_tokens.weight": "shared.weight"}
+
+    def __init__(self, config: SwitchConfig):
+        super().__init__(config)
+        self.shared = nn.Embedding(config.vocab_size, config.d_model)
+        encoder_config = copy.deepcopy(config)
+        encoder_config.use_cache = False
+        encoder_config.is_encoder_decoder = False
+        self.encoder = SwitchStack(encoder_config, config.sparse_encoder_layers)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.shared
+
+    def set_input_embeddings(self, new_embeddings):
+        self.shared = new_embeddings
+        self.encoder.set_input_embeddings(new_embeddings)
+
+    @can_return_tuple
+    def forward(
+        self, input_ids=None, attention_mask=None, inputs_embeds=None, output_router_logits=False, **kwargs
+    ) -> SwitchStackOutput:
+        return self.encoder(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            output_router_logits=output_router_logits,
+            **kwargs,
+        )
+
+
+__all__ = [
+    "SwitchCache",
+    "SwitchEncoderModel",
+    "SwitchForConditionalGeneration",
+    "SwitchModel",
+    "SwitchPreTrainedModel",
+    "SwitchStackOutput",
+    "SwitchSeq2SeqOutput",
+]

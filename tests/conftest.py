@@ -1,0 +1,70 @@
+import pytest
+import torch
+from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
+
+from hf_switch import SwitchConfig, SwitchForConditionalGeneration
+
+VOCAB = 64
+
+
+def tiny_config(**overrides) -> SwitchConfig:
+    """A 2+2-layer model with one sparse layer per stack, no dropout and no jitter."""
+    fields = dict(
+        vocab_size=VOCAB,
+        d_model=16,
+        d_kv=4,
+        d_ff=32,
+        num_layers=2,
+        num_heads=2,
+        num_experts=4,
+        num_sparse_encoder_layers=1,
+        num_sparse_decoder_layers=1,
+        dropout_rate=0.0,
+        router_jitter_noise=0.0,
+    )
+    fields.update(overrides)
+    return SwitchConfig(**fields)
+
+
+def tiny_model(seed=0, **overrides) -> SwitchForConditionalGeneration:
+    torch.manual_seed(seed)
+    return SwitchForConditionalGeneration(tiny_config(**overrides)).eval()
+
+
+def reference_model(seed=0, **overrides) -> SwitchTransformersForConditionalGeneration:
+    """transformers' own Switch model with the tiny dimensions."""
+    fields = dict(
+        vocab_size=VOCAB,
+        d_model=16,
+        d_kv=4,
+        d_ff=32,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=2,
+        num_experts=4,
+        num_sparse_encoder_layers=1,
+        num_sparse_decoder_layers=1,
+        dropout_rate=0.0,
+        router_jitter_noise=0.0,
+        decoder_start_token_id=0,
+    )
+    fields.update(overrides)
+    torch.manual_seed(seed)
+    return SwitchTransformersForConditionalGeneration(SwitchTransformersConfig(**fields)).eval()
+
+
+def random_batch(batch=3, source=11, target=9, seed=1, pad_last=0):
+    """Token ids avoiding pad (0) and eos (1); the last `pad_last` source positions of row 0 are padding."""
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(2, VOCAB, (batch, source), generator=generator)
+    labels = torch.randint(2, VOCAB, (batch, target), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    if pad_last:
+        input_ids[0, -pad_last:] = 0
+        attention_mask[0, -pad_last:] = 0
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+@pytest.fixture
+def batch():
+    return random_batch()
