@@ -151,11 +151,8 @@ class SwitchStackOutput(ModelOutput):
         last_hidden_state: `[B, T, d]`.
         cache: the decoder's `SwitchCache` when caching.
         hidden_states, attentions, cross_attentions: as in T5, on request.
-        aux_loss: scalar, sum over sparse layers of the load-balancing loss (0 without sparse layers).
-        z_loss: scalar, sum over sparse layers of the router z-loss.
-        router_logits: per sparse layer `[B, T, E]`, on request (`output_router_logits=True`).
-        expert_counts: `[num_sparse_layers, E]` token slots each expert filled.
-        dropped_fraction: `[num_sparse_layers]` fraction of routed slots dropped by capacity.
+        routing: one `RoutingStats` per sparse layer (losses, router logits, expert load). A tuple rather than
+            tensors, so that `generate()` leaves it alone when it repeats encoder outputs for beams.
     """
 
     last_hidden_state: torch.Tensor | None = None
@@ -163,11 +160,7 @@ class SwitchStackOutput(ModelOutput):
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
     cross_attentions: tuple[torch.Tensor, ...] | None = None
-    aux_loss: torch.Tensor | None = None
-    z_loss: torch.Tensor | None = None
-    router_logits: tuple[torch.Tensor, ...] | None = None
-    expert_counts: torch.Tensor | None = None
-    dropped_fraction: torch.Tensor | None = None
+    routing: tuple[RoutingStats, ...] | None = None
 
 
 @dataclass
@@ -179,7 +172,13 @@ class SwitchSeq2SeqOutput(ModelOutput):
             when `labels` are given.
         logits: `[B, T_dec, vocab_size]` (language-model head only).
         last_hidden_state: `[B, T_dec, d]` (base model only).
-        Other fields as in [`SwitchStackOutput`], prefixed by the stack they come from.
+        encoder_aux_loss, decoder_aux_loss: scalar, sum over the stack's sparse layers of the load-balancing loss
+            (0 without sparse layers).
+        encoder_z_loss, decoder_z_loss: scalar, sum over the stack's sparse layers of the router z-loss.
+        encoder_router_logits, decoder_router_logits: per sparse layer `[B, T, E]`, with `output_router_logits`.
+        encoder_expert_counts, decoder_expert_counts: `[num_sparse_layers, E]` token slots each expert filled.
+        encoder_dropped_fraction, decoder_dropped_fraction: `[num_sparse_layers]` routed slots dropped by capacity.
+        Other fields as in T5's `Seq2SeqLMOutput`.
     """
 
     loss: torch.Tensor | None = None
@@ -372,11 +371,7 @@ class SwitchStack(SwitchPreTrainedModel):
                 stats.append(routing_stats(decision))
 
         hidden_states = self.dropout(self.final_layer_norm(hidden_states))
-        return SwitchStackOutput(
-            last_hidden_state=hidden_states,
-            cache=cache,
-            **_summarize_routing(stats, hidden_states, output_router_logits),
-        )
+        return SwitchStackOutput(last_hidden_state=hidden_states, cache=cache, routing=tuple(stats))
 
 
 def _check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
@@ -394,17 +389,20 @@ def _routing_mask(attention_mask, inputs_embeds, ignore_padding: bool) -> torch.
     return attention_mask[:, -length:].to(device=inputs_embeds.device, dtype=torch.bool)
 
 
-def _summarize_routing(stats: list[RoutingStats], hidden_states, output_router_logits: bool) -> dict:
-    """Sum the layers' router losses and stack their loads into `SwitchStackOutput` fields."""
+def _summarize_routing(prefix: str, stack_output: SwitchStackOutput, output_router_logits: bool) -> dict:
+    """`SwitchSeq2SeqOutput` fields of one stack: summed router losses and stacked per-layer loads."""
+    stats = stack_output.routing
+    if stats is None:  # encoder outputs passed in from outside, e.g. by generate()
+        return {}
     if not stats:
-        zero = hidden_states.new_zeros((), dtype=torch.float32)
-        return {"aux_loss": zero, "z_loss": zero}
+        zero = stack_output.last_hidden_state.new_zeros((), dtype=torch.float32)
+        return {f"{prefix}_aux_loss": zero, f"{prefix}_z_loss": zero}
     return {
-        "aux_loss": torch.stack([layer.aux_loss for layer in stats]).sum(),
-        "z_loss": torch.stack([layer.z_loss for layer in stats]).sum(),
-        "router_logits": tuple(layer.router_logits for layer in stats) if output_router_logits else None,
-        "expert_counts": torch.stack([layer.expert_counts for layer in stats]),
-        "dropped_fraction": torch.stack([layer.dropped_fraction for layer in stats]),
+        f"{prefix}_aux_loss": torch.stack([layer.aux_loss for layer in stats]).sum(),
+        f"{prefix}_z_loss": torch.stack([layer.z_loss for layer in stats]).sum(),
+        f"{prefix}_router_logits": tuple(layer.router_logits for layer in stats) if output_router_logits else None,
+        f"{prefix}_expert_counts": torch.stack([layer.expert_counts for layer in stats]),
+        f"{prefix}_dropped_fraction": torch.stack([layer.dropped_fraction for layer in stats]),
     }
 
 
@@ -479,7 +477,7 @@ class SwitchEncoderDecoderModel(SwitchPreTrainedModel):
         return encoder_outputs, decoder_outputs
 
     @staticmethod
-    def _seq2seq_output(encoder_outputs, decoder_outputs, **fields) -> SwitchSeq2SeqOutput:
+    def _seq2seq_output(encoder_outputs, decoder_outputs, output_router_logits, **fields) -> SwitchSeq2SeqOutput:
         return SwitchSeq2SeqOutput(
             cache=decoder_outputs.cache,
             decoder_hidden_states=decoder_outputs.hidden_states,
@@ -488,16 +486,8 @@ class SwitchEncoderDecoderModel(SwitchPreTrainedModel):
             encoder_last_hidden_state=encoder_outputs.last_hidden_state,
             encoder_hidden_states=encoder_outputs.hidden_states,
             encoder_attentions=encoder_outputs.attentions,
-            encoder_aux_loss=encoder_outputs.aux_loss,
-            encoder_z_loss=encoder_outputs.z_loss,
-            decoder_aux_loss=decoder_outputs.aux_loss,
-            decoder_z_loss=decoder_outputs.z_loss,
-            encoder_router_logits=encoder_outputs.router_logits,
-            decoder_router_logits=decoder_outputs.router_logits,
-            encoder_expert_counts=encoder_outputs.expert_counts,
-            decoder_expert_counts=decoder_outputs.expert_counts,
-            encoder_dropped_fraction=encoder_outputs.dropped_fraction,
-            decoder_dropped_fraction=decoder_outputs.dropped_fraction,
+            **_summarize_routing("encoder", encoder_outputs, output_router_logits),
+            **_summarize_routing("decoder", decoder_outputs, output_router_logits),
             **fields,
         )
 
@@ -538,7 +528,10 @@ class SwitchModel(SwitchEncoderDecoderModel):
             **kwargs,
         )
         return self._seq2seq_output(
-            encoder_outputs, decoder_outputs, last_hidden_state=decoder_outputs.last_hidden_state
+            encoder_outputs,
+            decoder_outputs,
+            output_router_logits,
+            last_hidden_state=decoder_outputs.last_hidden_state,
         )
 
 
@@ -608,15 +601,15 @@ class SwitchForConditionalGeneration(SwitchEncoderDecoderModel, GenerationMixin)
         loss = None
         if labels is not None:
             loss = self._loss(logits, labels, encoder_outputs, decoder_outputs, num_items_in_batch)
-        return self._seq2seq_output(encoder_outputs, decoder_outputs, loss=loss, logits=logits)
+        return self._seq2seq_output(encoder_outputs, decoder_outputs, output_router_logits, loss=loss, logits=logits)
 
     def _loss(self, logits, labels, encoder_outputs, decoder_outputs, num_items_in_batch):
         labels = labels.to(logits.device)
-        router_loss = self.config.router_aux_loss_coef * decoder_outputs.aux_loss
-        router_loss = router_loss + self.config.router_z_loss_coef * decoder_outputs.z_loss
-        if encoder_outputs.aux_loss is not None:
-            router_loss = router_loss + self.config.router_aux_loss_coef * encoder_outputs.aux_loss
-            router_loss = router_loss + self.config.router_z_loss_coef * encoder_outputs.z_loss
+        router_loss = 0.0
+        for stack_output in (encoder_outputs, decoder_outputs):
+            for layer in stack_output.routing or ():
+                router_loss = router_loss + self.config.router_aux_loss_coef * layer.aux_loss
+                router_loss = router_loss + self.config.router_z_loss_coef * layer.z_loss
         flat_logits = logits.reshape(-1, logits.shape[-1]).float()
         if num_items_in_batch is None:
             return nn.functional.cross_entropy(flat_logits, labels.reshape(-1), ignore_index=-100) + router_loss
@@ -624,6 +617,17 @@ class SwitchForConditionalGeneration(SwitchEncoderDecoderModel, GenerationMixin)
         num_items_in_batch = torch.as_tensor(num_items_in_batch, device=logits.device)
         share = (labels != -100).sum() / num_items_in_batch
         return token_loss / num_items_in_batch + router_loss * share
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        """Decode with a `SwitchCache` sized for the decoder's layers.
+
+        transformers sizes its default cache from `num_hidden_layers`, the encoder's depth, which breaks when
+        `num_decoder_layers` differs; and a plain cache would forget which experts earlier positions chose.
+        """
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        cache = model_kwargs.get("cache")
+        if type(cache) is EncoderDecoderCache and not getattr(cache, "_is_user_defined", False):
+            model_kwargs["cache"] = SwitchCache(config=self.decoder.config)
 
     def prepare_decoder_input_ids_from_labels(self, labels: torch.Tensor):
         return self._shift_right(labels)

@@ -1,0 +1,97 @@
+"""Generation through transformers' GenerationMixin: cached decoding routes exactly as a full forward pass."""
+
+import pytest
+import torch
+from conftest import random_batch, tiny_model
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+from hf_switch import SwitchCache
+
+CASES = {
+    "absolute-capacity": dict(num_experts=2, expert_capacity=2),
+    "capacity-factor-per-prefix": dict(
+        num_experts=2, capacity_factor=0.6, eval_capacity_factor=0.6, min_expert_capacity=1
+    ),
+    "every-decoder-layer-sparse-3-layers": dict(
+        num_experts=3, expert_capacity=2, num_decoder_layers=3, num_sparse_decoder_layers=3
+    ),
+    "top-2": dict(num_experts=4, router_top_k=2, expert_capacity=3),
+    "ignored-padding": dict(num_experts=2, expert_capacity=2, router_ignore_padding_tokens=True),
+}
+
+
+def _inputs():
+    batch = random_batch(pad_last=3)
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_greedy_with_cache_equals_without_cache_when_capacity_binds(case):
+    model = tiny_model(**CASES[case])
+    inputs = _inputs()
+    cached = model.generate(**inputs, max_new_tokens=14, do_sample=False)
+    uncached = model.generate(**inputs, max_new_tokens=14, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
+    with torch.no_grad():
+        replay = model(**inputs, decoder_input_ids=cached)
+    assert replay.decoder_dropped_fraction.max() > 0, "capacity should bind in the decoder for this case"
+
+
+def test_beam_search_with_cache_equals_without_cache():
+    model = tiny_model(**CASES["absolute-capacity"])
+    options = dict(max_new_tokens=10, num_beams=3, do_sample=False, num_return_sequences=2)
+    assert torch.equal(model.generate(**_inputs(), **options), model.generate(**_inputs(), **options, use_cache=False))
+
+
+def test_sampling_with_cache_equals_without_cache_for_a_seed():
+    model = tiny_model(**CASES["capacity-factor-per-prefix"])
+    options = dict(max_new_tokens=10, do_sample=True, top_k=8)
+    torch.manual_seed(3)
+    cached = model.generate(**_inputs(), **options)
+    torch.manual_seed(3)
+    assert torch.equal(cached, model.generate(**_inputs(), **options, use_cache=False))
+
+
+def test_stepwise_logits_with_cache_equal_the_full_forward():
+    model = tiny_model(**CASES["absolute-capacity"])
+    inputs = _inputs()
+    decoder_input_ids = random_batch(target=8, seed=5)["labels"]
+    with torch.no_grad():
+        full = model(**inputs, decoder_input_ids=decoder_input_ids).logits
+        encoder_outputs = model.get_encoder()(**inputs)
+        cache, steps = None, []
+        for position in range(decoder_input_ids.shape[1]):
+            output = model(
+                encoder_outputs=encoder_outputs,
+                attention_mask=inputs["attention_mask"],
+                decoder_input_ids=decoder_input_ids[:, position : position + 1],
+                cache=cache,
+                use_cache=True,
+            )
+            cache = output.cache
+            steps.append(output.logits)
+    assert isinstance(cache, SwitchCache)
+    assert (torch.cat(steps, dim=1) - full).abs().max().item() < 1e-5
+
+
+def test_cache_operations_keep_routing_history_aligned():
+    cache = SwitchCache()
+    cache.record_routing(1, torch.tensor([[[0], [1]], [[1], [1]]]), torch.tensor([[True, False], [True, True]]))
+    cache.reorder_cache(torch.tensor([1, 0]))
+    assert cache.routed_experts(1).tolist() == [[[1], [1]], [[0], [-1]]]
+    cache.batch_repeat_interleave(2)
+    assert cache.routed_experts(1).shape == (4, 2, 1)
+    cache.batch_select_indices(torch.tensor([0, 3]))
+    assert cache.routed_experts(1).tolist() == [[[1], [1]], [[0], [-1]]]
+    cache.reset()
+    assert cache.routed_experts(1) is None
+
+
+def test_a_filled_plain_cache_is_refused_with_a_clear_error():
+    model = tiny_model()
+    inputs = _inputs()
+    self_attention = DynamicCache()
+    self_attention.update(torch.zeros(3, 2, 4, 4), torch.zeros(3, 2, 4, 4), 0)
+    plain = EncoderDecoderCache(self_attention, DynamicCache())
+    with pytest.raises(ValueError, match="already holds 4 positions but no record of their expert choices"):
+        model(**inputs, decoder_input_ids=torch.zeros(3, 1, dtype=torch.long), cache=plain, use_cache=True)
