@@ -130,7 +130,9 @@ class SwitchConfig(PreTrainedConfig):
             self.num_decoder_layers = self.num_layers
         # T5's layer classes read these two derived attributes.
         self.is_gated_act = self.feed_forward_proj.startswith("gated-")
-        self.dense_act_fn = "gelu_new" if self.feed_forward_proj == "gated-gelu" else self.feed_forward_proj.split("-")[-1]
+        self.dense_act_fn = (
+            "gelu_new" if self.feed_forward_proj == "gated-gelu" else self.feed_forward_proj.split("-")[-1]
+        )
         super().__post_init__(**kwargs)
 
     def validate_switch(self):

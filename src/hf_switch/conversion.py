@@ -2,14 +2,14 @@
 
 transformers keeps one `nn.Linear` per expert (`mlp.experts.expert_{e}.wi.weight`, `[d_ff, d_model]`); hf_switch
 stacks them (`mlp.experts.wi`, `[E, d_ff, d_model]`). The rest of the module tree is the same, so one registered
-checkpoint conversion (stack on load, unstack on demand) is all it takes.
+checkpoint conversion stacks them on load, and `save_as_switch_transformers` unstacks them.
 """
 
 import os
 
 from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
-from transformers.core_model_loading import MergeModulelist, WeightConverter, revert_weight_conversion
+from transformers.core_model_loading import MergeModulelist, WeightConverter
 
 from .configuration_switch import SwitchConfig
 from .modeling_switch import SwitchForConditionalGeneration
@@ -66,13 +66,24 @@ def transformers_config_from_switch(config: SwitchConfig) -> SwitchTransformersC
     return SwitchTransformersConfig(**shared)
 
 
+def unstack_experts(state_dict: dict) -> dict:
+    """transformers' per-expert keys for stacked experts: `...experts.wi` -> `...experts.expert_{e}.wi.weight`."""
+    unstacked = {}
+    for key, tensor in state_dict.items():
+        prefix, _, name = key.rpartition(".")
+        if prefix.endswith(".experts") and name in ("wi", "wo"):
+            unstacked.update({f"{prefix}.expert_{e}.{name}.weight": weight for e, weight in enumerate(tensor)})
+        else:
+            unstacked[key] = tensor
+    return unstacked
+
+
 def save_as_switch_transformers(model: SwitchForConditionalGeneration, save_directory: str | os.PathLike) -> None:
     """Write `model` as a transformers `SwitchTransformersForConditionalGeneration` folder.
 
-    The weights are unstacked by reverting the registered conversion and loaded strictly into transformers' class,
-    so a key or shape that does not fit raises instead of being dropped.
+    The unstacked weights are loaded strictly into transformers' class, so a key or shape that does not fit raises
+    instead of being dropped.
     """
     reference = SwitchTransformersForConditionalGeneration(transformers_config_from_switch(model.config))
-    state_dict = revert_weight_conversion(model, dict(model.state_dict()))
-    reference.load_state_dict(state_dict, strict=True)
+    reference.load_state_dict(unstack_experts(model.state_dict()), strict=True)
     reference.save_pretrained(save_directory)

@@ -1,0 +1,41 @@
+import torch
+from conftest import random_batch, reference_model
+from transformers import SwitchTransformersForConditionalGeneration
+
+from hf_switch import SwitchForConditionalGeneration
+from hf_switch.cli import main
+
+
+def test_info_prints_versions_and_registered_classes(capsys):
+    main(["info"])
+    printed = capsys.readouterr().out
+    assert "transformers " in printed
+    assert "AutoModelForSeq2SeqLM[SwitchConfig] -> SwitchForConditionalGeneration" in printed
+
+
+def test_convert_round_trips_through_both_layouts(tmp_path):
+    reference = reference_model(expert_capacity=2)
+    reference.save_pretrained(tmp_path / "transformers")
+    main(["convert", str(tmp_path / "transformers"), str(tmp_path / "ours"), "--to", "hf_switch"])
+    main(["convert", str(tmp_path / "ours"), str(tmp_path / "back"), "--to", "transformers"])
+    ours = SwitchForConditionalGeneration.from_pretrained(tmp_path / "ours").eval()
+    back = SwitchTransformersForConditionalGeneration.from_pretrained(tmp_path / "back").eval()
+    batch = random_batch()
+    with torch.no_grad():
+        expected = reference(**batch).logits
+        assert torch.equal(back(**batch).logits, expected)
+        assert (ours(**batch).logits - expected).abs().max() < 1e-5
+
+
+def test_demo_trains_saves_and_reloads(tmp_path):
+    figures = main(["demo", "--max_steps", "3", "--output_dir", str(tmp_path)]) or {}
+    assert (tmp_path / "model.safetensors").exists()
+    assert figures == {}
+
+
+def test_bad_arguments_exit_with_usage(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        main(["convert", "a", "b", "--to", "onnx"])
+    assert "invalid choice: 'onnx'" in capsys.readouterr().err
