@@ -87,3 +87,8 @@ def test_out_of_vocabulary_ids_are_named():
     batch["input_ids"][1, 3] = 64
     with pytest.raises(ValueError, match="token id 64 is outside the vocabulary"):
         model(**batch)
+
+
+def test_expert_parallelism_is_refused_until_it_exists():
+    with pytest.raises(NotImplementedError, match="expert_parallel_size=2"):
+        tiny_model(expert_parallel_size=2)

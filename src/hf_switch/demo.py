@@ -104,7 +104,7 @@ def run_demo(output_dir: str, max_steps: int, seed: int = 0) -> dict:
     metrics = trainer.evaluate()
 
     model.eval()
-    probe = collate([{"input_ids": encode("Beautiful is better than ugly."), "labels": [EOS]}])
+    probe = collate([{"input_ids": encode("Simple is better than"), "labels": [EOS]}])
     with torch.no_grad():
         routing = model(**probe)
         generated = model.generate(probe["input_ids"], max_new_tokens=40, do_sample=False)

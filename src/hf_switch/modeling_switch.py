@@ -43,6 +43,11 @@ class SwitchSparseMLP(nn.Module):
 
     def __init__(self, config: SwitchConfig):
         super().__init__()
+        if config.expert_parallel_size != 1:
+            raise NotImplementedError(
+                f"SwitchConfig.expert_parallel_size={config.expert_parallel_size}: expert parallelism is not available "
+                "in this version of hf_switch; only 1 (every rank holds every expert) is supported."
+            )
         self.router = SwitchRouter(config)
         self.experts = SwitchExperts(config)
 
