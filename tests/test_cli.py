@@ -27,12 +27,6 @@ def test_convert_round_trips_through_both_layouts(tmp_path):
         assert (ours(**batch).logits - expected).abs().max() < 1e-5
 
 
-def test_demo_trains_saves_and_reloads(tmp_path):
-    figures = main(["demo", "--max_steps", "3", "--output_dir", str(tmp_path)]) or {}
-    assert (tmp_path / "model.safetensors").exists()
-    assert figures == {}
-
-
 def test_bad_arguments_exit_with_usage(capsys):
     import pytest
 

@@ -1,0 +1,116 @@
+"""Arguments of `hf-switch train`: model and data dataclasses beside transformers' `Seq2SeqTrainingArguments`."""
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ..configuration_switch import SwitchConfig
+
+# Model sizes. "tiny" is for tests, "small" for the embedded default job, the others follow the paper's shapes.
+PRESETS: dict[str, dict] = {
+    "tiny": dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, num_experts=4),
+    "small": dict(d_model=256, d_kv=32, d_ff=1024, num_layers=4, num_heads=8, num_experts=8),
+    "base-8": dict(d_model=768, d_kv=64, d_ff=3072, num_layers=12, num_heads=12, num_experts=8),
+    "base-16": dict(d_model=768, d_kv=64, d_ff=3072, num_layers=12, num_heads=12, num_experts=16),
+}
+
+
+@dataclass
+class ModelArguments:
+    """Which model to train: a size preset, a saved folder, or a dense T5 to upcycle."""
+
+    preset: str = field(default="small", metadata={"help": f"size preset, one of {sorted(PRESETS)}"})
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "a saved hf_switch or transformers SwitchTransformers folder (or Hub id)"}
+    )
+    upcycle_from: str | None = field(
+        default=None, metadata={"help": "a dense T5 folder or Hub id to upcycle into a Switch model"}
+    )
+    architecture: Literal["switch", "t5"] = field(
+        default="switch",
+        metadata={"help": "'t5' trains the dense T5ForConditionalGeneration of the preset's dims (a baseline)"},
+    )
+    config_overrides: str | None = field(
+        default=None,
+        metadata={"help": "comma-separated SwitchConfig fields, e.g. 'num_experts=16,capacity_factor=1.0'"},
+    )
+    tokenizer_name_or_path: str | None = field(
+        default=None, metadata={"help": "a tokenizer folder or Hub id; default: the model folder's, else trained"}
+    )
+    tokenizer_vocab_size: int = field(
+        default=8000, metadata={"help": "vocabulary size of a tokenizer trained on the training text"}
+    )
+
+
+@dataclass
+class DataArguments:
+    """What to train on. With no data argument at all, the embedded offline default is used."""
+
+    objective: Literal["span_corruption", "seq2seq"] = field(
+        default="span_corruption", metadata={"help": "T5 span-corruption pretraining or source->target finetuning"}
+    )
+    dataset_name: str | None = field(default=None, metadata={"help": "a dataset on the Hub"})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "the Hub dataset's configuration"})
+    train_file: str | None = field(default=None, metadata={"help": "a .txt, .json, .jsonl or .csv file (.gz ok)"})
+    validation_file: str | None = field(default=None, metadata={"help": "same formats as train_file"})
+    train_source_file: str | None = field(default=None, metadata={"help": "parallel line file: sources"})
+    train_target_file: str | None = field(default=None, metadata={"help": "parallel line file: targets"})
+    validation_source_file: str | None = field(default=None, metadata={"help": "parallel line file: sources"})
+    validation_target_file: str | None = field(default=None, metadata={"help": "parallel line file: targets"})
+    text_column: str = field(default="text", metadata={"help": "column of raw text (span corruption)"})
+    source_column: str = field(default="source", metadata={"help": "column of sources (seq2seq)"})
+    target_column: str = field(default="target", metadata={"help": "column of targets (seq2seq)"})
+    source_prefix: str = field(default="", metadata={"help": "task prefix, e.g. 'translate English to German: '"})
+    max_source_length: int = field(default=128, metadata={"help": "input tokens per example"})
+    max_target_length: int = field(default=128, metadata={"help": "target tokens per example (seq2seq)"})
+    noise_density: float = field(default=0.15, metadata={"help": "fraction of tokens corrupted"})
+    mean_noise_span_length: float = field(default=3.0, metadata={"help": "mean length of corrupted spans"})
+    validation_split_percentage: int = field(
+        default=5, metadata={"help": "held-out share of the training data when no validation data is given"}
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "truncate the training set"})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "truncate the validation set"})
+    metrics: str = field(
+        default="bleu,chrf,rouge", metadata={"help": "generation metrics with --predict_with_generate (seq2seq)"}
+    )
+
+    @property
+    def uses_embedded_default(self) -> bool:
+        return not any(
+            (
+                self.dataset_name,
+                self.train_file,
+                self.train_source_file,
+                self.validation_file,
+                self.validation_source_file,
+            )
+        )
+
+
+def parse_config_overrides(overrides: str | None) -> dict:
+    """'num_experts=16,capacity_factor=None' -> {'num_experts': 16, 'capacity_factor': None}, typed by SwitchConfig."""
+    if not overrides:
+        return {}
+    parsed = {}
+    for item in overrides.split(","):
+        name, separator, text = item.partition("=")
+        name = name.strip()
+        if not separator or name not in SwitchConfig.__dataclass_fields__:
+            raise ValueError(
+                f"--config_overrides: {item!r} is not 'field=value' with a SwitchConfig field "
+                f"(fields: {', '.join(sorted(SwitchConfig.__dataclass_fields__))})."
+            )
+        parsed[name] = _parse_value(text.strip())
+    return parsed
+
+
+def _parse_value(text: str):
+    if text in ("None", "null"):
+        return None
+    if text in ("True", "true", "False", "false"):
+        return text in ("True", "true")
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text

@@ -1,0 +1,120 @@
+"""Routing dashboards: per sparse layer losses, expert load balance and dropped tokens, logged and plotted."""
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+from ..modeling_switch import SwitchStack
+from .plots import plot_expert_load, plot_loss_curves
+
+STATS_FILE = "routing_stats.json"
+
+
+@dataclass
+class _LayerTotals:
+    """Sums over the training forwards since the last log."""
+
+    forwards: int = 0
+    aux_loss: float = 0.0
+    z_loss: float = 0.0
+    dropped_fraction: float = 0.0
+    expert_counts: torch.Tensor | None = None
+
+    def add(self, stats) -> None:
+        self.forwards += 1
+        self.aux_loss += stats.aux_loss.item()
+        self.z_loss += stats.z_loss.item()
+        self.dropped_fraction += stats.dropped_fraction.item()
+        counts = stats.expert_counts.detach().cpu()
+        self.expert_counts = counts if self.expert_counts is None else self.expert_counts + counts
+
+    def as_tensor(self) -> torch.Tensor:
+        scalars = torch.tensor([self.forwards, self.aux_loss, self.z_loss, self.dropped_fraction], dtype=torch.float64)
+        return torch.cat([scalars, self.expert_counts.to(torch.float64)])
+
+
+def _summary(totals: torch.Tensor) -> dict:
+    """Means over forwards and load-balance figures from `_LayerTotals.as_tensor()` (summed over processes)."""
+    forwards, counts = totals[0].clamp(min=1), totals[4:]
+    mean_load = counts.mean().clamp(min=1e-12)
+    return {
+        "aux_loss": (totals[1] / forwards).item(),
+        "z_loss": (totals[2] / forwards).item(),
+        "dropped_fraction": (totals[3] / forwards).item(),
+        "load_max_over_mean": (counts.max() / mean_load).item(),
+        "load_cv": (counts.std(unbiased=False) / mean_load).item(),
+        "expert_counts": counts.long().tolist(),
+    }
+
+
+@dataclass
+class RoutingDashboardCallback(TrainerCallback):
+    """Logs routing health per sparse layer to the Trainer's loggers; plots it when training ends.
+
+    At every training log it adds, for each sparse layer (`encoder.1`, `decoder.3`, ...), the mean router aux and
+    z losses, the dropped-token fraction, and the expert load balance (max/mean and coefficient of variation of
+    token counts) since the previous log, summed over processes. At the end it writes `routing_stats.json` (the
+    per-log history with token counts per expert), `loss_curves.png` and `expert_load.png` to the output dir.
+
+    It edits the logs in `on_log`, so it must run before the reporting callbacks: add it with
+    [`add_routing_dashboard`].
+    """
+
+    history: list[dict] = field(default_factory=list)
+    _totals: dict[str, _LayerTotals] = field(default_factory=dict)
+    _hooks: list = field(default_factory=list)
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        for name, module in model.named_modules():
+            if isinstance(module, SwitchStack):
+                stack = name.rsplit(".", 1)[-1]
+                layers = [f"{stack}.{index}" for index, block in enumerate(module.block) if block.is_sparse]
+                self._hooks.append(module.register_forward_hook(self._recorder(layers)))
+
+    def _recorder(self, layers: list[str]):
+        def record(module, inputs, output):
+            if module.training:
+                for layer, stats in zip(layers, output.routing, strict=True):
+                    self._totals.setdefault(layer, _LayerTotals()).add(stats)
+
+        return record
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None or "loss" not in logs or not self._totals:
+            return
+        layers = list(self._totals)  # first-forward order: encoder layers, then decoder layers
+        totals = torch.stack([self._totals[layer].as_tensor() for layer in layers])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(totals)
+        entry = {"step": state.global_step, "layers": {}}
+        for layer, layer_totals in zip(layers, totals, strict=True):
+            summary = _summary(layer_totals)
+            entry["layers"][layer] = summary
+            for name, value in summary.items():
+                if name != "expert_counts":
+                    logs[f"routing/{layer}/{name}"] = round(value, 6)
+        self.history.append(entry)
+        self._totals.clear()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        if not state.is_world_process_zero:
+            return
+        output_dir = Path(args.output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / STATS_FILE).write_text(json.dumps({"history": self.history}, indent=1))
+        plot_loss_curves(state.log_history, output_dir / "loss_curves.png")
+        if self.history:
+            plot_expert_load(self.history, output_dir / "expert_load.png")
+
+
+def add_routing_dashboard(trainer: Trainer) -> RoutingDashboardCallback:
+    """Attach a `RoutingDashboardCallback` ahead of the reporting callbacks, so they log what it adds."""
+    callback = RoutingDashboardCallback()
+    trainer.callback_handler.callbacks.insert(0, callback)
+    return callback

@@ -1,0 +1,35 @@
+"""Generation metrics through `evaluate`, loaded from the metric modules shipped in this package."""
+
+from pathlib import Path
+
+import evaluate
+import numpy as np
+
+METRICS_FOLDER = Path(__file__).parent / "evaluate_metrics"
+AVAILABLE = tuple(sorted(path.name for path in METRICS_FOLDER.iterdir() if (path / f"{path.name}.py").is_file()))
+
+
+def load_metrics(names: str) -> evaluate.CombinedEvaluations:
+    """`evaluate.combine` of the comma-separated metric names, e.g. 'bleu,chrf,rouge'."""
+    requested = [name.strip() for name in names.split(",") if name.strip()]
+    unknown = sorted(set(requested) - set(AVAILABLE))
+    if unknown or not requested:
+        raise ValueError(f"--metrics={names!r}: choose from {AVAILABLE}, comma-separated (unknown: {unknown}).")
+    return evaluate.combine([evaluate.load(str(METRICS_FOLDER / name)) for name in requested])
+
+
+def generation_metrics(tokenizer, names: str):
+    """A `compute_metrics` for `Seq2SeqTrainer` with `predict_with_generate`: decode, then score."""
+    metrics = load_metrics(names)
+
+    def compute_metrics(evaluation) -> dict[str, float]:
+        predictions, labels = evaluation.predictions, evaluation.label_ids
+        predictions = np.where(predictions < 0, tokenizer.pad_token_id, predictions)
+        labels = np.where(labels < 0, tokenizer.pad_token_id, labels)
+        decoded_predictions = [text.strip() for text in tokenizer.batch_decode(predictions, skip_special_tokens=True)]
+        decoded_labels = [text.strip() for text in tokenizer.batch_decode(labels, skip_special_tokens=True)]
+        scores = metrics.compute(predictions=decoded_predictions, references=decoded_labels)
+        lengths = [np.count_nonzero(row != tokenizer.pad_token_id) for row in predictions]
+        return {**{name: round(float(value), 4) for name, value in scores.items()}, "gen_len": float(np.mean(lengths))}
+
+    return compute_metrics

@@ -1,0 +1,153 @@
+"""`hf-switch train`: pretrain (span corruption) or finetune (seq2seq) a Switch model with `Seq2SeqTrainer`.
+
+Arguments are `ModelArguments`, `DataArguments` and transformers' `Seq2SeqTrainingArguments`, as flags or in one
+YAML/JSON file. With no data arguments it trains on an embedded offline default: span corruption on Python's own
+help texts, with a tokenizer trained on them.
+"""
+
+import logging
+import sys
+from pathlib import Path
+
+from transformers import (
+    DataCollatorForSeq2Seq,
+    HfArgumentParser,
+    Seq2SeqTrainer,
+    Seq2SeqTrainingArguments,
+    T5Config,
+    T5ForConditionalGeneration,
+    set_seed,
+)
+
+from ..configuration_switch import SwitchConfig
+from ..modeling_switch import SwitchForConditionalGeneration
+from .arguments import PRESETS, DataArguments, ModelArguments, parse_config_overrides
+from .callbacks import add_routing_dashboard
+from .data import check_columns, load_or_train_tokenizer, load_raw_datasets, tokenize
+from .metrics import generation_metrics
+
+logger = logging.getLogger(__name__)
+
+# Defaults for every run, and for the embedded default job (a few minutes on a laptop CPU).
+RUN_DEFAULTS = dict(output_dir="outputs/hf-switch", report_to=["tensorboard"], logging_steps=25)
+EMBEDDED_DEFAULTS = dict(
+    max_steps=600,
+    per_device_train_batch_size=32,
+    per_device_eval_batch_size=64,
+    learning_rate=2e-3,
+    warmup_steps=30,
+    eval_strategy="steps",
+    eval_steps=150,
+    save_steps=300,
+    max_eval_samples=256,
+    max_source_length=64,
+    tokenizer_vocab_size=4000,
+)
+
+
+def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, Seq2SeqTrainingArguments]:
+    parser = HfArgumentParser((ModelArguments, DataArguments, Seq2SeqTrainingArguments))
+    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml", ".json")):
+        if argv[0].endswith(".json"):
+            return parser.parse_json_file(argv[0])
+        return parser.parse_yaml_file(argv[0])
+    parser.set_defaults(**RUN_DEFAULTS)
+    _, data_args, _ = parser.parse_args_into_dataclasses(args=argv)
+    if data_args.uses_embedded_default:
+        parser.set_defaults(**EMBEDDED_DEFAULTS)
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def _training_texts(raw, data_args: DataArguments):
+    train = raw["train"]
+    if data_args.objective == "span_corruption":
+        return train[data_args.text_column]
+    return list(train[data_args.source_column]) + list(train[data_args.target_column])
+
+
+def build_model(model_args: ModelArguments, tokenizer):
+    """The model to train, sized to the tokenizer when built from a preset."""
+    overrides = parse_config_overrides(model_args.config_overrides)
+    if model_args.model_name_or_path:
+        return SwitchForConditionalGeneration.from_pretrained(model_args.model_name_or_path, **overrides)
+    if model_args.upcycle_from:
+        from ..upcycling import upcycle
+
+        return upcycle(model_args.upcycle_from, **overrides)
+    if model_args.preset not in PRESETS:
+        raise ValueError(f"--preset={model_args.preset!r}: choose one of {sorted(PRESETS)}.")
+    dims = {**PRESETS[model_args.preset], "vocab_size": len(tokenizer)}
+    special = dict(
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+    if model_args.architecture == "t5":
+        dense = {key: value for key, value in dims.items() if key != "num_experts"}
+        return T5ForConditionalGeneration(T5Config(**dense, **special, **overrides))
+    sparse = {
+        "num_sparse_encoder_layers": dims["num_layers"] // 2,
+        "num_sparse_decoder_layers": dims["num_layers"] // 2,
+    }
+    return SwitchForConditionalGeneration(SwitchConfig(**{**dims, **sparse, **special, **overrides}))
+
+
+def _limit(dataset, count):
+    return dataset if count is None else dataset.select(range(min(count, len(dataset))))
+
+
+def run(model_args: ModelArguments, data_args: DataArguments, training_args: Seq2SeqTrainingArguments) -> dict:
+    """Train, evaluate and save; returns the final evaluation metrics."""
+    set_seed(training_args.seed)  # before the model's random init, not only inside the Trainer
+    raw = load_raw_datasets(data_args, seed=training_args.seed)
+    check_columns(raw, data_args)
+    tokenizer_source = model_args.tokenizer_name_or_path
+    if (
+        tokenizer_source is None
+        and model_args.model_name_or_path
+        and (
+            Path(model_args.model_name_or_path, "tokenizer.json").exists()
+            or Path(model_args.model_name_or_path, "tokenizer_config.json").exists()
+        )
+    ):
+        tokenizer_source = model_args.model_name_or_path
+    with training_args.main_process_first(desc="tokenizer"):
+        tokenizer = load_or_train_tokenizer(
+            tokenizer_source, _training_texts(raw, data_args), model_args.tokenizer_vocab_size
+        )
+    with training_args.main_process_first(desc="tokenize"):
+        datasets = tokenize(raw, tokenizer, data_args, seed=training_args.seed)
+    model = build_model(model_args, tokenizer)
+    if len(tokenizer) > model.config.vocab_size:
+        raise ValueError(
+            f"The tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {model.config.vocab_size}: "
+            "use the model's own tokenizer (--tokenizer_name_or_path)."
+        )
+    collator = DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100)
+
+    compute_metrics = None
+    if data_args.objective == "seq2seq" and training_args.predict_with_generate:
+        compute_metrics = generation_metrics(tokenizer, data_args.metrics)
+    trainer = Seq2SeqTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=_limit(datasets["train"], data_args.max_train_samples),
+        eval_dataset=_limit(datasets["validation"], data_args.max_eval_samples),
+        data_collator=collator,
+        processing_class=tokenizer,
+        compute_metrics=compute_metrics,
+    )
+    if isinstance(model, SwitchForConditionalGeneration):
+        add_routing_dashboard(trainer)
+    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model()
+    trainer.save_metrics("train", train_result.metrics)
+    metrics = trainer.evaluate(max_length=data_args.max_target_length)
+    trainer.save_metrics("eval", metrics)
+    trainer.save_state()
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> dict:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    return run(*parse_arguments(sys.argv[1:] if argv is None else argv))

@@ -1,0 +1,169 @@
+"""`hf-switch train` end to end on tiny models and tiny data (CPU, offline)."""
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedTokenizerFast
+
+import hf_switch
+from hf_switch.training import main
+from hf_switch.training.data import embedded_corpus, sentinel_ids, train_tokenizer
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+TINY = ["--preset", "tiny", "--report_to", "none", "--per_device_train_batch_size", "4", "--logging_steps", "1"]
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "corpus.txt.gz"
+    with gzip.open(path, "wt") as handle:
+        handle.write("\n".join(embedded_corpus()[:300]))
+    return path
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
+    words = "red green blue small large cat dog house tree river".split()
+    rows = [{"source": f"{a} {b}", "target": f"{b} {a}"} for a in words for b in words]
+    path.write_text("\n".join(json.dumps(row) for row in rows))
+    return path
+
+
+def _arguments(output_dir, *extra):
+    return [*TINY, "--output_dir", str(output_dir), "--tokenizer_vocab_size", "300", *extra]
+
+
+def test_span_corruption_run_saves_a_loadable_model_dashboards_and_plots(tmp_path, text_file):
+    output = tmp_path / "run"
+    metrics = main(
+        _arguments(output, "--train_file", str(text_file), "--max_steps", "4", "--max_source_length", "32")
+        + ["--report_to", "tensorboard", "--eval_strategy", "steps", "--eval_steps", "2"]
+    )
+    assert metrics["eval_loss"] > 0
+    model = AutoModelForSeq2SeqLM.from_pretrained(output)
+    assert isinstance(model, hf_switch.SwitchForConditionalGeneration)
+    tokenizer = AutoTokenizer.from_pretrained(output)
+    assert len(sentinel_ids(tokenizer)) == 100
+    history = json.loads((output / "routing_stats.json").read_text())["history"]
+    assert [entry["step"] for entry in history] == [1, 2, 3, 4]
+    layer = history[0]["layers"]["encoder.1"]
+    assert sum(layer["expert_counts"]) > 0 and layer["load_max_over_mean"] >= 1
+    assert (output / "loss_curves.png").stat().st_size > 0 and (output / "expert_load.png").stat().st_size > 0
+    logged = json.loads((output / "trainer_state.json").read_text())["log_history"]
+    assert any("eval_loss" in entry for entry in logged)
+    events = list((output / "runs").rglob("events.out.tfevents*"))
+    assert events and any(b"routing/encoder.1/dropped_fraction" in path.read_bytes() for path in events)
+
+
+def test_seq2seq_run_with_generation_metrics_from_a_yaml_file(tmp_path, pairs_file):
+    config = tmp_path / "train.yaml"
+    config.write_text(
+        "\n".join(
+            [
+                "preset: tiny",
+                "objective: seq2seq",
+                f"train_file: {pairs_file}",
+                "source_prefix: 'swap: '",
+                f"output_dir: {tmp_path / 'run'}",
+                "max_steps: 3",
+                "per_device_train_batch_size: 8",
+                "predict_with_generate: true",
+                "generation_max_length: 8",
+                "tokenizer_vocab_size: 60",
+                "report_to: none",
+            ]
+        )
+    )
+    metrics = main([str(config)])
+    assert {"eval_bleu", "eval_chrf", "eval_rouge1", "eval_loss"} <= set(metrics)
+
+
+def test_resume_from_checkpoint_reproduces_the_uninterrupted_losses(tmp_path, text_file):
+    common = ["--train_file", str(text_file), "--max_source_length", "24", "--max_steps", "6", "--seed", "3"]
+    common += ["--save_steps", "3", "--eval_strategy", "no", "--tokenizer_name_or_path"]
+    tokenizer_dir = tmp_path / "tokenizer"
+    train_tokenizer(embedded_corpus()[:300], 300).save_pretrained(tokenizer_dir)
+    common.append(str(tokenizer_dir))
+    main(_arguments(tmp_path / "straight", *common))
+    # A run interrupted after its step-3 checkpoint, resumed elsewhere.
+    checkpoint = tmp_path / "straight" / "checkpoint-3"
+    main(_arguments(tmp_path / "resumed", *common, "--resume_from_checkpoint", str(checkpoint)))
+
+    def losses(folder):
+        history = json.loads((folder / "trainer_state.json").read_text())["log_history"]
+        return {entry["step"]: entry["loss"] for entry in history if "loss" in entry}
+
+    straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
+    assert len(straight) == 6
+    assert {step: loss for step, loss in resumed.items() if step > 3} == {
+        step: loss for step, loss in straight.items() if step > 3
+    }
+
+
+@pytest.mark.parametrize(
+    ("extra", "error", "message"),
+    [
+        (["--train_file", "missing.txt"], FileNotFoundError, "--train_file: no file at 'missing.txt'"),
+        (["--objective", "seq2seq"], ValueError, "no column 'source'"),
+        (["--train_source_file", "a.txt"], ValueError, "must be given together"),
+        (["--preset", "huge"], ValueError, "--preset='huge'"),
+        (["--config_overrides", "experts=3"], ValueError, "'experts=3' is not 'field=value'"),
+        (["--config_overrides", "num_experts=0"], Exception, "num_experts"),
+    ],
+)
+def test_bad_arguments_name_what_is_wrong(tmp_path, text_file, extra, error, message):
+    arguments = _arguments(tmp_path, "--max_steps", "1", "--train_file", str(text_file), *extra)
+    with pytest.raises(error, match=message):
+        main(arguments)
+
+
+def test_empty_data_is_refused(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="empty"):
+        main(_arguments(tmp_path / "run", "--max_steps", "1", "--train_file", str(empty)))
+
+
+def test_a_tokenizer_without_sentinels_is_refused_for_span_corruption(tmp_path, text_file):
+    backend = Tokenizer(models.WordLevel({"<pad>": 0, "</s>": 1, "<unk>": 2, "the": 3}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    plain = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    plain.save_pretrained(tmp_path / "plain")
+    arguments = [
+        "--max_steps",
+        "1",
+        "--train_file",
+        str(text_file),
+        "--tokenizer_name_or_path",
+        str(tmp_path / "plain"),
+    ]
+    with pytest.raises(ValueError, match="has no sentinel tokens"):
+        main(_arguments(tmp_path / "run", *arguments))
+
+
+@pytest.mark.slow
+def test_two_processes_report_the_loss_of_one_process_with_the_same_global_batch(tmp_path, text_file):
+    tokenizer_dir = tmp_path / "tokenizer"
+    train_tokenizer(embedded_corpus()[:300], 300).save_pretrained(tokenizer_dir)
+    common = ["--train_file", str(text_file), "--max_source_length", "24", "--max_steps", "2", "--seed", "5"]
+    common += ["--tokenizer_name_or_path", str(tokenizer_dir), "--eval_strategy", "no", "--save_strategy", "no"]
+    single = [*TINY, "--per_device_train_batch_size", "8", "--output_dir", str(tmp_path / "one"), *common]
+    main(single)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    double = [*TINY, "--per_device_train_batch_size", "4", "--output_dir", str(tmp_path / "two"), *common]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "false"}
+    subprocess.run([*launch, str(SCRIPTS / "train.py"), *double], check=True, env=environment, timeout=600)
+
+    def first_loss(folder):
+        history = json.loads((folder / "trainer_state.json").read_text())["log_history"]
+        return next(entry["loss"] for entry in history if "loss" in entry)
+
+    assert first_loss(tmp_path / "two") == pytest.approx(first_loss(tmp_path / "one"), rel=1e-3)
