@@ -1,25 +1,26 @@
 import pytest
 import torch
-from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
+from transformers import (
+    SwitchTransformersConfig,
+    SwitchTransformersForConditionalGeneration,
+    T5Config,
+    T5ForConditionalGeneration,
+)
 
 from hf_switch import SwitchConfig, SwitchForConditionalGeneration
 
 VOCAB = 64
+# The dimensions of every tiny model: hf_switch's, transformers' Switch and T5.
+TINY_DIMENSIONS = dict(vocab_size=VOCAB, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_heads=2, dropout_rate=0.0)
 
 
 def tiny_config(**overrides) -> SwitchConfig:
     """A 2+2-layer model with one sparse layer per stack, no dropout and no jitter."""
     fields = dict(
-        vocab_size=VOCAB,
-        d_model=16,
-        d_kv=4,
-        d_ff=32,
-        num_layers=2,
-        num_heads=2,
+        **TINY_DIMENSIONS,
         num_experts=4,
         num_sparse_encoder_layers=1,
         num_sparse_decoder_layers=1,
-        dropout_rate=0.0,
         router_jitter_noise=0.0,
     )
     fields.update(overrides)
@@ -34,23 +35,25 @@ def tiny_model(seed=0, **overrides) -> SwitchForConditionalGeneration:
 def reference_model(seed=0, **overrides) -> SwitchTransformersForConditionalGeneration:
     """transformers' own Switch model with the tiny dimensions."""
     fields = dict(
-        vocab_size=VOCAB,
-        d_model=16,
-        d_kv=4,
-        d_ff=32,
-        num_layers=2,
+        **TINY_DIMENSIONS,
         num_decoder_layers=2,
-        num_heads=2,
         num_experts=4,
         num_sparse_encoder_layers=1,
         num_sparse_decoder_layers=1,
-        dropout_rate=0.0,
         router_jitter_noise=0.0,
         decoder_start_token_id=0,
     )
     fields.update(overrides)
     torch.manual_seed(seed)
     return SwitchTransformersForConditionalGeneration(SwitchTransformersConfig(**fields)).eval()
+
+
+def tiny_t5(seed=0, **overrides) -> T5ForConditionalGeneration:
+    """transformers' T5 with the tiny dimensions (2+2 layers, relu unless overridden)."""
+    fields = dict(**TINY_DIMENSIONS, decoder_start_token_id=0)
+    fields.update(overrides)
+    torch.manual_seed(seed)
+    return T5ForConditionalGeneration(T5Config(**fields)).eval()
 
 
 def random_batch(batch=3, source=11, target=9, seed=1, pad_last=0):

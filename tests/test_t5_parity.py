@@ -2,25 +2,12 @@
 
 import pytest
 import torch
-from conftest import VOCAB, random_batch, tiny_model
-from transformers import T5Config, T5ForConditionalGeneration
+from conftest import random_batch, tiny_model, tiny_t5
+from transformers import T5ForConditionalGeneration
 
 
 def _t5(feed_forward_proj: str, num_decoder_layers=2) -> T5ForConditionalGeneration:
-    config = T5Config(
-        vocab_size=VOCAB,
-        d_model=16,
-        d_kv=4,
-        d_ff=32,
-        num_layers=2,
-        num_decoder_layers=num_decoder_layers,
-        num_heads=2,
-        dropout_rate=0.0,
-        feed_forward_proj=feed_forward_proj,
-        decoder_start_token_id=0,
-    )
-    torch.manual_seed(0)
-    return T5ForConditionalGeneration(config).eval()
+    return tiny_t5(feed_forward_proj=feed_forward_proj, num_decoder_layers=num_decoder_layers)
 
 
 def _t5_state_as_switch(t5: T5ForConditionalGeneration, sparse_single_expert: bool) -> dict:

@@ -154,6 +154,8 @@ def test_two_processes_report_the_loss_of_one_process_with_the_same_global_batch
     train_tokenizer(embedded_corpus()[:300], 300).save_pretrained(tokenizer_dir)
     common = ["--train_file", str(text_file), "--max_source_length", "24", "--max_steps", "2", "--seed", "5"]
     common += ["--tokenizer_name_or_path", str(tokenizer_dir), "--eval_strategy", "no", "--save_strategy", "no"]
+    # No dropout or jitter: each process draws its own random numbers.
+    common += ["--config_overrides", "dropout_rate=0,router_jitter_noise=0"]
     single = [*TINY, "--per_device_train_batch_size", "8", "--output_dir", str(tmp_path / "one"), *common]
     main(single)
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]

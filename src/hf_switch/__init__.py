@@ -9,6 +9,9 @@ from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM
 from .cache import SwitchCache
 from .configuration_switch import SwitchConfig
 from .conversion import register_checkpoint_conversion, save_as_switch_transformers, switch_config_from_transformers
+from .distillation import DistillationTrainer, init_dense_student
+from .hub import publish
+from .lora import apply_lora, lora_config
 from .modeling_switch import (
     SwitchEncoderModel,
     SwitchForConditionalGeneration,
@@ -17,6 +20,7 @@ from .modeling_switch import (
     SwitchSeq2SeqOutput,
     SwitchStackOutput,
 )
+from .upcycling import upcycle
 
 __version__ = "0.1.0"
 
@@ -26,6 +30,7 @@ AutoModelForSeq2SeqLM.register(SwitchConfig, SwitchForConditionalGeneration)
 register_checkpoint_conversion()
 
 __all__ = [
+    "DistillationTrainer",
     "SwitchCache",
     "SwitchConfig",
     "SwitchEncoderModel",
@@ -34,6 +39,11 @@ __all__ = [
     "SwitchPreTrainedModel",
     "SwitchSeq2SeqOutput",
     "SwitchStackOutput",
+    "apply_lora",
+    "init_dense_student",
+    "lora_config",
+    "publish",
     "save_as_switch_transformers",
     "switch_config_from_transformers",
+    "upcycle",
 ]

@@ -1,9 +1,25 @@
 """`hf-switch`: the command line. Each subcommand parses its arguments and calls one library function."""
 
 import argparse
+import importlib
 import importlib.metadata
 import sys
 
+# Commands whose flags are transformers' HfArgumentParser dataclasses: their arguments are handed over untouched.
+TRAINING_COMMANDS = {
+    "train": (
+        "hf_switch.training",
+        "main",
+        "pretrain or finetune with Seq2SeqTrainer; with no data arguments, an embedded offline default",
+    ),
+    "finetune": ("hf_switch.lora", "finetune_main", "LoRA finetuning: train's arguments plus --lora_* and --merge"),
+    "distill": (
+        "hf_switch.distillation",
+        "distill_main",
+        "distil the --model_name_or_path Switch teacher into a dense T5: train's arguments plus --expert_init, "
+        "--distill_alpha, --distill_temperature, --student_*",
+    ),
+}
 PACKAGES = ("torch", "transformers", "accelerate", "peft", "datasets", "evaluate", "safetensors", "huggingface_hub")
 
 
@@ -35,10 +51,56 @@ def _convert(arguments: argparse.Namespace) -> None:
     print(f"wrote {arguments.to} layout to {arguments.destination}")
 
 
-def _demo(arguments: argparse.Namespace) -> None:
-    from hf_switch.demo import run_demo
+def _upcycle(arguments: argparse.Namespace) -> None:
+    from pathlib import Path
 
-    run_demo(arguments.output_dir, arguments.max_steps)
+    from transformers import AutoTokenizer
+
+    from hf_switch.training.arguments import parse_config_overrides
+    from hf_switch.upcycling import upcycle
+
+    model = upcycle(
+        arguments.dense,
+        num_experts=arguments.num_experts,
+        num_sparse_encoder_layers=arguments.num_sparse_encoder_layers,
+        num_sparse_decoder_layers=arguments.num_sparse_decoder_layers,
+        **parse_config_overrides(arguments.config_overrides),
+    )
+    model.save_pretrained(arguments.destination)
+    if Path(arguments.dense, "tokenizer_config.json").exists():
+        AutoTokenizer.from_pretrained(arguments.dense).save_pretrained(arguments.destination)
+    print(f"wrote a Switch model with {arguments.num_experts} experts per sparse layer to {arguments.destination}")
+
+
+def _publish(arguments: argparse.Namespace) -> None:
+    from hf_switch.hub import PublishError, publish
+
+    try:
+        result = publish(
+            arguments.folder,
+            arguments.repo_id,
+            private=arguments.private,
+            revision=arguments.revision,
+            commit_message=arguments.commit_message,
+            create_pr=arguments.create_pr,
+            exist_ok=arguments.exist_ok,
+            dry_run=arguments.dry_run,
+            local_dir=arguments.local_dir,
+            license=arguments.license,
+            language=arguments.language,
+            datasets=arguments.dataset,
+            tags=arguments.tag,
+            base_model=arguments.base_model,
+            max_shard_size=arguments.max_shard_size,
+        )
+    except PublishError as error:
+        sys.exit(f"hf-switch publish: {error}")
+    if result.commit_url is None:
+        print(f"dry run: would upload this {result.kind} folder to {arguments.repo_id}, built in {result.folder}:")
+        for name in result.files:
+            print(f"  {name} ({(result.folder / name).stat().st_size:,} bytes)")
+    else:
+        print(f"published {result.kind} folder: {result.pull_request_url or result.commit_url}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,17 +117,49 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--to", required=True, choices=("transformers", "hf_switch"), help="the layout to write")
     convert.set_defaults(run=_convert)
 
-    demo = commands.add_parser("demo", help="train a small Switch model offline for a few minutes (byte-level)")
-    demo.add_argument("--output_dir", default="outputs/demo", help="where the trained model is saved")
-    demo.add_argument("--max_steps", type=int, default=1200, help="training steps")
-    demo.set_defaults(run=_demo)
+    upcycle = commands.add_parser("upcycle", help="turn a dense T5 folder into a Switch model (sparse upcycling)")
+    upcycle.add_argument("dense", help="a T5ForConditionalGeneration folder")
+    upcycle.add_argument("destination", help="the folder to write")
+    upcycle.add_argument("--num_experts", type=int, default=8, help="experts per sparse layer")
+    upcycle.add_argument("--num_sparse_encoder_layers", type=int, help="default: every other layer")
+    upcycle.add_argument("--num_sparse_decoder_layers", type=int, help="default: every other layer")
+    upcycle.add_argument("--config_overrides", help="other SwitchConfig fields, e.g. 'capacity_factor=1.0'")
+    upcycle.set_defaults(run=_upcycle)
+
+    for name, (_, _, description) in TRAINING_COMMANDS.items():
+        commands.add_parser(name, add_help=False, help=f"{description}; `hf-switch {name} --help` lists its flags")
+
+    publish = commands.add_parser(
+        "publish", help="upload a Switch model, a LoRA adapter or a dense student to the Hub, with a model card"
+    )
+    publish.add_argument("folder", help="a model folder (save_pretrained) or a peft adapter folder")
+    publish.add_argument("--repo-id", required=True, help="ORG/NAME on the Hub")
+    publish.add_argument("--private", action="store_true", help="create the repository as private")
+    publish.add_argument("--revision", help="the branch to commit to, created when missing (default: main)")
+    publish.add_argument("--commit-message", help="default: 'Upload <kind> with hf_switch'")
+    publish.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
+    publish.add_argument("--exist-ok", action="store_true", help="commit to a repository that already exists")
+    publish.add_argument("--dry-run", action="store_true", help="build the folder in --local-dir; upload nothing")
+    publish.add_argument("--local-dir", help="where to build the folder (new or empty); a temporary one by default")
+    publish.add_argument("--license", help="a Hub license identifier, e.g. apache-2.0")
+    publish.add_argument("--language", nargs="+", help="language codes of the data, e.g. en de")
+    publish.add_argument("--dataset", action="append", help="Hub id of a training dataset (repeatable)")
+    publish.add_argument("--tag", action="append", help="an extra tag for the card (repeatable)")
+    publish.add_argument("--base-model", help="Hub id of the model this one derives from (an adapter's base model)")
+    publish.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default: 5GB)")
+    publish.set_defaults(run=_publish)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in TRAINING_COMMANDS:
+        module, function, _ = TRAINING_COMMANDS[argv[0]]
+        getattr(importlib.import_module(module), function)(argv[1:])
+        return
     arguments = build_parser().parse_args(argv)
     arguments.run(arguments)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

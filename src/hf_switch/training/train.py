@@ -9,6 +9,7 @@ import logging
 import sys
 from pathlib import Path
 
+import torch
 from transformers import (
     DataCollatorForSeq2Seq,
     HfArgumentParser,
@@ -20,7 +21,7 @@ from transformers import (
 )
 
 from ..configuration_switch import SwitchConfig
-from ..modeling_switch import SwitchForConditionalGeneration
+from ..modeling_switch import SwitchForConditionalGeneration, SwitchStack
 from .arguments import PRESETS, DataArguments, ModelArguments, parse_config_overrides
 from .callbacks import add_routing_dashboard
 from .data import check_columns, load_or_train_tokenizer, load_raw_datasets, tokenize
@@ -28,8 +29,15 @@ from .metrics import generation_metrics
 
 logger = logging.getLogger(__name__)
 
-# Defaults for every run, and for the embedded default job (a few minutes on a laptop CPU).
-RUN_DEFAULTS = dict(output_dir="outputs/hf-switch", report_to=["tensorboard"], logging_steps=25)
+# Defaults for every run, and for the embedded default job (a few minutes on a laptop CPU). On a machine without an
+# accelerator, `use_cpu` must be set for processes started by `accelerate launch` to train together (DDP over gloo);
+# without it each one silently trains alone.
+RUN_DEFAULTS = dict(
+    output_dir="outputs/hf-switch",
+    report_to=["tensorboard"],
+    logging_steps=25,
+    use_cpu=not torch.accelerator.is_available(),
+)
 EMBEDDED_DEFAULTS = dict(
     max_steps=600,
     per_device_train_batch_size=32,
@@ -45,14 +53,15 @@ EMBEDDED_DEFAULTS = dict(
 )
 
 
-def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, Seq2SeqTrainingArguments]:
-    parser = HfArgumentParser((ModelArguments, DataArguments, Seq2SeqTrainingArguments))
+def parse_arguments(argv: list[str], extra: tuple[type, ...] = (), defaults: dict | None = None) -> tuple:
+    """`(ModelArguments, DataArguments, Seq2SeqTrainingArguments, *extra)` from flags or one YAML/JSON file."""
+    parser = HfArgumentParser((ModelArguments, DataArguments, Seq2SeqTrainingArguments, *extra))
     if len(argv) == 1 and argv[0].endswith((".yaml", ".yml", ".json")):
         if argv[0].endswith(".json"):
             return parser.parse_json_file(argv[0])
         return parser.parse_yaml_file(argv[0])
-    parser.set_defaults(**RUN_DEFAULTS)
-    _, data_args, _ = parser.parse_args_into_dataclasses(args=argv)
+    parser.set_defaults(**RUN_DEFAULTS, **(defaults or {}))
+    data_args = parser.parse_args_into_dataclasses(args=argv)[1]
     if data_args.uses_embedded_default:
         parser.set_defaults(**EMBEDDED_DEFAULTS)
     return parser.parse_args_into_dataclasses(args=argv)
@@ -96,21 +105,27 @@ def _limit(dataset, count):
     return dataset if count is None else dataset.select(range(min(count, len(dataset))))
 
 
-def run(model_args: ModelArguments, data_args: DataArguments, training_args: Seq2SeqTrainingArguments) -> dict:
-    """Train, evaluate and save; returns the final evaluation metrics."""
+def run(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: Seq2SeqTrainingArguments,
+    prepare_model=None,
+    callbacks=(),
+    trainer_class=Seq2SeqTrainer,
+) -> tuple[Seq2SeqTrainer, dict]:
+    """Train, evaluate and save; returns the trainer and the final evaluation metrics.
+
+    `prepare_model(model, datasets, collator)` maps the built model to the one trained (wrapping it with LoRA
+    adapters, or building a dense student from it as a teacher); `callbacks` are added to the Trainer, which
+    `trainer_class(**keyword_arguments)` builds (a `Seq2SeqTrainer` subclass, or a function binding extra ones).
+    """
     set_seed(training_args.seed)  # before the model's random init, not only inside the Trainer
     raw = load_raw_datasets(data_args, seed=training_args.seed)
     check_columns(raw, data_args)
     tokenizer_source = model_args.tokenizer_name_or_path
-    if (
-        tokenizer_source is None
-        and model_args.model_name_or_path
-        and (
-            Path(model_args.model_name_or_path, "tokenizer.json").exists()
-            or Path(model_args.model_name_or_path, "tokenizer_config.json").exists()
-        )
-    ):
-        tokenizer_source = model_args.model_name_or_path
+    model_folder = model_args.model_name_or_path or model_args.upcycle_from
+    if tokenizer_source is None and model_folder and Path(model_folder, "tokenizer_config.json").exists():
+        tokenizer_source = model_folder
     with training_args.main_process_first(desc="tokenizer"):
         tokenizer = load_or_train_tokenizer(
             tokenizer_source, _training_texts(raw, data_args), model_args.tokenizer_vocab_size
@@ -124,11 +139,13 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Seq
             "use the model's own tokenizer (--tokenizer_name_or_path)."
         )
     collator = DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100)
+    if prepare_model is not None:
+        model = prepare_model(model, datasets, collator)
 
     compute_metrics = None
     if data_args.objective == "seq2seq" and training_args.predict_with_generate:
         compute_metrics = generation_metrics(tokenizer, data_args.metrics)
-    trainer = Seq2SeqTrainer(
+    trainer = trainer_class(
         model=model,
         args=training_args,
         train_dataset=_limit(datasets["train"], data_args.max_train_samples),
@@ -136,8 +153,9 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Seq
         data_collator=collator,
         processing_class=tokenizer,
         compute_metrics=compute_metrics,
+        callbacks=list(callbacks),
     )
-    if isinstance(model, SwitchForConditionalGeneration):
+    if any(isinstance(module, SwitchStack) for module in model.modules()):
         add_routing_dashboard(trainer)
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model()
@@ -145,9 +163,10 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Seq
     metrics = trainer.evaluate(max_length=data_args.max_target_length)
     trainer.save_metrics("eval", metrics)
     trainer.save_state()
-    return metrics
+    return trainer, metrics
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """`hf-switch train`: returns the final evaluation metrics."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    return run(*parse_arguments(sys.argv[1:] if argv is None else argv))
+    return run(*parse_arguments(sys.argv[1:] if argv is None else argv))[1]
