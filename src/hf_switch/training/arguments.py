@@ -5,9 +5,11 @@ from typing import Literal
 
 from ..configuration_switch import SwitchConfig
 
-# Model sizes. "tiny" is for tests, "small" for the embedded default job, the others follow the paper's shapes.
+# Model sizes. "tiny" is for tests, "mini" for the embedded default job and the CPU experiments (minutes on a laptop),
+# "small" for a workstation; the "base" ones follow the paper's shapes.
 PRESETS: dict[str, dict] = {
     "tiny": dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, num_experts=4),
+    "mini": dict(d_model=128, d_kv=32, d_ff=512, num_layers=4, num_heads=4, num_experts=8),
     "small": dict(d_model=256, d_kv=32, d_ff=1024, num_layers=4, num_heads=8, num_experts=8),
     "base-8": dict(d_model=768, d_kv=64, d_ff=3072, num_layers=12, num_heads=12, num_experts=8),
     "base-16": dict(d_model=768, d_kv=64, d_ff=3072, num_layers=12, num_heads=12, num_experts=16),
@@ -18,7 +20,7 @@ PRESETS: dict[str, dict] = {
 class ModelArguments:
     """Which model to train: a size preset, a saved folder, or a dense T5 to upcycle."""
 
-    preset: str = field(default="small", metadata={"help": f"size preset, one of {sorted(PRESETS)}"})
+    preset: str = field(default="mini", metadata={"help": f"size preset, one of {sorted(PRESETS)}"})
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "a saved hf_switch or transformers SwitchTransformers folder (or Hub id)"}
     )
@@ -27,7 +29,10 @@ class ModelArguments:
     )
     architecture: Literal["switch", "t5"] = field(
         default="switch",
-        metadata={"help": "'t5' trains the dense T5ForConditionalGeneration of the preset's dims (a baseline)"},
+        metadata={
+            "help": "'t5' trains a dense T5ForConditionalGeneration: the preset's dims (a baseline with the same "
+            "compute per token), or the T5 folder --model_name_or_path"
+        },
     )
     config_overrides: str | None = field(
         default=None,

@@ -77,6 +77,8 @@ def _training_texts(raw, data_args: DataArguments):
 def build_model(model_args: ModelArguments, tokenizer):
     """The model to train, sized to the tokenizer when built from a preset."""
     overrides = parse_config_overrides(model_args.config_overrides)
+    if model_args.model_name_or_path and model_args.architecture == "t5":
+        return T5ForConditionalGeneration.from_pretrained(model_args.model_name_or_path, **overrides)
     if model_args.model_name_or_path:
         return SwitchForConditionalGeneration.from_pretrained(model_args.model_name_or_path, **overrides)
     if model_args.upcycle_from:
