@@ -12,6 +12,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from .configuration_switch import SwitchConfig
+from .expert_kernels import GroupedLinear, PaddedLinear
 
 
 @dataclass
@@ -67,7 +68,20 @@ class SwitchExperts(nn.Module):
     Parameters: `wi` `[E, f, d]` (or `wi_0` and `wi_1` for a gated activation) and `wo` `[E, d, f]`. They are
     read as attributes of this module inside its own `forward`, which is what peft's `target_parameters` and
     expert sharding rely on.
+
+    The experts run in one of two layouts (see `expert_kernels`), chosen per call by `layout`: "grouped" (one matrix
+    product per expert on its contiguous rows), "padded" (one batched product over rows padded to the largest
+    group), or "auto". "auto" pads when nearly every expert has tokens (a batched product reads every expert's
+    weights, even an empty one's, which rules it out when decoding a few tokens) and either the groups are small,
+    where per-expert products leave the cores idle, or padding adds little work.
     """
+
+    # Mean rows per expert under which the padded layout wins whatever the padding (measured on CPU, fp32).
+    small_group_rows = 128
+    # Padded rows allowed, as a multiple of the real rows, for the padded layout with larger groups.
+    padding_budget = 1.25
+    # Fraction of experts that may be empty for the padded layout.
+    empty_budget = 0.125
 
     def __init__(self, config: SwitchConfig):
         super().__init__()
@@ -82,6 +96,7 @@ class SwitchExperts(nn.Module):
         self.wo = nn.Parameter(torch.empty(config.num_experts, config.d_model, config.d_ff))
         self.act = ACT2FN[config.dense_act_fn]
         self.dropout = nn.Dropout(config.experts_dropout_rate)
+        self.layout = "auto"
 
     def forward(self, hidden_states: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """Run each expert on its contiguous slice of tokens.
@@ -93,18 +108,43 @@ class SwitchExperts(nn.Module):
         Returns:
             `[M, d]` expert outputs, in the same order.
         """
-        outputs = hidden_states.new_empty(hidden_states.shape[0], self.wo.shape[1])
-        start = 0
-        for expert, count in enumerate(tokens_per_expert.tolist()):
-            if count == 0:
-                continue
-            tokens = hidden_states[start : start + count]
-            if self.is_gated:
-                inner = self.act(nn.functional.linear(tokens, self.wi_0[expert]))
-                inner = inner * nn.functional.linear(tokens, self.wi_1[expert])
-            else:
-                inner = self.act(nn.functional.linear(tokens, self.wi[expert]))
-            inner = self.dropout(inner)
-            outputs[start : start + count] = nn.functional.linear(inner.to(self.wo.dtype), self.wo[expert])
-            start += count
-        return outputs
+        weights_in = (self.wi_0, self.wi_1) if self.is_gated else (self.wi,)
+        weight_out = self.wo
+        group_sizes = tokens_per_expert.tolist()
+        if not self._pads(group_sizes):
+            return self._ffn(hidden_states, weights_in, weight_out, lambda x, w: GroupedLinear.apply(x, w, group_sizes))
+        capacity, width = max(group_sizes), hidden_states.shape[-1]
+        slots = padded_slots(tokens_per_expert, capacity)
+        padded = hidden_states.new_zeros(self.num_experts * capacity, width).index_copy(0, slots, hidden_states)
+        outputs = self._ffn(padded.view(self.num_experts, capacity, width), weights_in, weight_out, PaddedLinear.apply)
+        return outputs.view(self.num_experts * capacity, weight_out.shape[1]).index_select(0, slots)
+
+    def _pads(self, group_sizes: list[int]) -> bool:
+        if self.layout != "auto":
+            return self.layout == "padded"
+        rows, empty = sum(group_sizes), group_sizes.count(0)
+        padded_rows = self.num_experts * max(group_sizes, default=0)
+        small_groups = rows < self.small_group_rows * self.num_experts
+        return empty <= self.empty_budget * self.num_experts and (
+            small_groups or padded_rows <= self.padding_budget * rows
+        )
+
+    def _ffn(self, tokens, weights_in, weight_out, linear):
+        """The expert feed-forward network, with `linear(x, stacked_weight)` applying each expert's weight."""
+        if self.is_gated:
+            inner = self.act(linear(tokens, weights_in[0])) * linear(tokens, weights_in[1])
+        else:
+            inner = self.act(linear(tokens, weights_in[0]))
+        inner = self.dropout(inner)
+        return linear(inner.to(weight_out.dtype), weight_out)
+
+
+def padded_slots(tokens_per_expert: torch.Tensor, capacity: int) -> torch.Tensor:
+    """`[M]` row of each grouped token in the `[E * capacity]` padded layout: expert `e`'s `j`-th token goes to
+    row `e * capacity + j`."""
+    num_experts = tokens_per_expert.shape[0]
+    experts = torch.arange(num_experts, device=tokens_per_expert.device)
+    starts = tokens_per_expert.cumsum(0) - tokens_per_expert
+    rows = torch.arange(int(tokens_per_expert.sum()), device=tokens_per_expert.device)
+    shift = (experts * capacity - starts).repeat_interleave(tokens_per_expert)
+    return rows + shift

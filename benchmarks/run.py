@@ -1,0 +1,136 @@
+"""Run every benchmark, print ratio tables and write them as JSON.
+
+    python benchmarks/run.py [--quick] [--suites layer model generation memory] [--json benchmarks/results.json]
+
+Times are ratios to a baseline measured in the same process, in alternation (see `timing.compare`). Memory cases run
+one per fresh process.
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.layer import LayerCase  # noqa: E402
+from benchmarks.layer import measure as measure_layer  # noqa: E402
+from benchmarks.model import ModelCase, measure_generation, measure_training  # noqa: E402
+
+MODEL_KINDS = ["hf_switch", "transformers", "t5"]
+
+
+def layer_cases(quick: bool) -> list[LayerCase]:
+    d_model, d_ff, batch, length = (128, 512, 2, 256) if quick else (512, 2048, 4, 512)
+    return [
+        LayerCase(d_model, d_ff, batch, length, num_experts, capacity_factor)
+        for num_experts in ((8, 32) if quick else (8, 32, 128))
+        for capacity_factor in (1.25, None)
+    ]
+
+
+def model_cases(quick: bool) -> tuple[ModelCase, ModelCase]:
+    """A model with every other layer sparse (E=8) and one with every layer sparse (E=128, E=32 when quick)."""
+    if quick:
+        return (
+            ModelCase(128, 512, 2, 4, 8, False, 1024, 2, 64, 32),
+            ModelCase(128, 512, 2, 4, 32, True, 1024, 2, 64, 32),
+        )
+    return (
+        ModelCase(512, 2048, 4, 8, 8, False, 8192, 4, 128, 64),
+        ModelCase(256, 1024, 2, 4, 128, True, 8192, 8, 128, 64),
+    )
+
+
+def print_table(title: str, rows: dict[str, dict], columns: list[str]) -> None:
+    print(f"\n{title}")
+    print("| case | " + " | ".join(columns) + " |")
+    print("|---" * (len(columns) + 1) + "|")
+    for case, results in rows.items():
+        cells = [f"{results[c]['ratio']:.2f} ({results[c]['median_s'] * 1e3:.0f} ms)" for c in columns]
+        print(f"| {case} | " + " | ".join(cells) + " |")
+
+
+def run_layer(quick: bool, rounds: int) -> dict:
+    rows = {}
+    for backward in (False, True):
+        for case in layer_cases(quick):
+            key = f"{case.name} {'fwd+bwd' if backward else 'fwd'}"
+            rows[key] = measure_layer(case, backward, rounds)
+            print(f"  {key}: " + ", ".join(f"{k} {v['ratio']:.2f}" for k, v in rows[key].items()), flush=True)
+    columns = ["balanced_experts", "hf_switch", "hf_switch_grouped", "hf_switch_padded", "transformers"]
+    print_table("MoE layer, time / dense FFN time", rows, columns)
+    return {"cases": {case.name: asdict(case) for case in layer_cases(quick)}, "ratios": rows}
+
+
+def run_model(quick: bool, rounds: int) -> dict:
+    half, every = model_cases(quick)
+    rows = {
+        half.name: measure_training(half, MODEL_KINDS, rounds),
+        every.name: measure_training(every, ["hf_switch", "transformers"], rounds),
+    }
+    print_table("Training step (forward, backward, fused AdamW), time / last column's time", rows, ["hf_switch"])
+    print(f"  {half.name}: transformers / T5 {rows[half.name]['transformers']['ratio']:.2f}")
+    return {"cases": {half.name: asdict(half), every.name: asdict(every)}, "ratios": rows}
+
+
+def run_generation(quick: bool, rounds: int) -> dict:
+    half, _ = model_cases(quick)
+    new_tokens = 8 if quick else 32
+    rows = {half.name: measure_generation(half, MODEL_KINDS, rounds, new_tokens)}
+    print_table(f"Greedy generation with cache, {new_tokens} tokens, time / T5's time", rows, MODEL_KINDS[:2])
+    return {"cases": {half.name: asdict(half)}, "new_tokens": new_tokens, "ratios": rows}
+
+
+def run_memory(quick: bool) -> dict:
+    results = {}
+    for case in model_cases(quick):
+        kinds = MODEL_KINDS if not case.every_layer_sparse else MODEL_KINDS[:2]
+        for kind in kinds:
+            spec = json.dumps({"kind": kind, "case": asdict(case), "steps": 2})
+            output = subprocess.run(
+                [sys.executable, "-m", "benchmarks.memory", spec],
+                cwd=Path(__file__).resolve().parent.parent,
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            results[f"{case.name} {kind}"] = json.loads(output.stdout.strip().splitlines()[-1])
+    print("\nPeak memory of training steps, each model alone in a fresh process (MiB)")
+    print("| case | peak - after imports | peak - after building | minus grads and AdamW states | parameters |")
+    print("|---|---|---|---|---|")
+    for name, r in results.items():
+        total, steps = r["peak_mib"] - r["imported_mib"], r["peak_mib"] - r["built_mib"]
+        print(
+            f"| {name} | {total:.0f} | {steps:.0f} | {steps - 3 * r['parameter_mib']:.0f} | {r['parameter_mib']:.0f} |"
+        )
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    parser.add_argument("--suites", nargs="+", default=["layer", "model", "generation", "memory"])
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds per comparison (default 7, quick 3)")
+    parser.add_argument("--json", default="benchmarks/results.json", help="where to write the results")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    rounds = args.rounds or (3 if args.quick else 7)
+    results = {"torch": torch.__version__, "threads": torch.get_num_threads(), "quick": args.quick}
+    for suite in args.suites:
+        if suite == "memory":
+            results[suite] = run_memory(args.quick)
+        else:
+            results[suite] = {"layer": run_layer, "model": run_model, "generation": run_generation}[suite](
+                args.quick, rounds
+            )
+    Path(args.json).write_text(json.dumps(results, indent=2))
+    print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
