@@ -39,14 +39,14 @@ RUN_DEFAULTS = dict(
     use_cpu=not torch.accelerator.is_available(),
 )
 EMBEDDED_DEFAULTS = dict(
-    max_steps=600,
+    max_steps=400,
     per_device_train_batch_size=32,
     per_device_eval_batch_size=64,
     learning_rate=2e-3,
     warmup_steps=30,
     eval_strategy="steps",
-    eval_steps=150,
-    save_steps=300,
+    eval_steps=100,
+    save_steps=200,
     max_eval_samples=256,
     max_source_length=64,
     tokenizer_vocab_size=4000,
