@@ -41,6 +41,7 @@ def results(run: Path) -> dict:
         **train,
         **json.loads((run / "eval_results.json").read_text()),
         "seconds_per_step": train["train_runtime"] / state["global_step"],
+        "train_tokens_per_second": train.get("num_input_tokens_seen", math.nan) / train["train_runtime"],
         "trainable_share": _trainable_share(run),
     }
 
