@@ -3,7 +3,9 @@
 import argparse
 import importlib
 import importlib.metadata
+import re
 import sys
+from pathlib import Path
 
 # Commands whose flags are transformers' HfArgumentParser dataclasses: their arguments are handed over untouched.
 TRAINING_COMMANDS = {
@@ -52,8 +54,6 @@ def _convert(arguments: argparse.Namespace) -> None:
 
 
 def _upcycle(arguments: argparse.Namespace) -> None:
-    from pathlib import Path
-
     from transformers import AutoTokenizer
 
     from hf_switch.training.arguments import parse_config_overrides
@@ -103,6 +103,13 @@ def _publish(arguments: argparse.Namespace) -> None:
         print(f"published {result.kind} folder: {result.pull_request_url or result.commit_url}")
 
 
+def _folder_or_hub_id(text: str) -> str:
+    """A local folder or a Hub id (`name` or `org/name`): a path to nothing is a usage error, not a failed download."""
+    if Path(text).is_dir() or (re.fullmatch(r"[\w.-]+(/[\w.-]+)?", text) and not text.startswith(".")):
+        return text
+    raise argparse.ArgumentTypeError(f"no folder at {text!r}, and it is not a Hub id such as 'google/switch-base-8'")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-switch", description="Switch Transformers for the Hugging Face stack.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -112,13 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
     convert = commands.add_parser(
         "convert", help="convert a checkpoint between hf_switch's layout and transformers' SwitchTransformers layout"
     )
-    convert.add_argument("source", help="a folder in either layout")
+    convert.add_argument("source", type=_folder_or_hub_id, help="a folder (or Hub id) in either layout")
     convert.add_argument("destination", help="the folder to write")
     convert.add_argument("--to", required=True, choices=("transformers", "hf_switch"), help="the layout to write")
     convert.set_defaults(run=_convert)
 
     upcycle = commands.add_parser("upcycle", help="turn a dense T5 folder into a Switch model (sparse upcycling)")
-    upcycle.add_argument("dense", help="a T5ForConditionalGeneration folder")
+    upcycle.add_argument("dense", type=_folder_or_hub_id, help="a T5ForConditionalGeneration folder (or Hub id)")
     upcycle.add_argument("destination", help="the folder to write")
     upcycle.add_argument("--num_experts", type=int, default=8, help="experts per sparse layer")
     upcycle.add_argument("--num_sparse_encoder_layers", type=int, help="default: every other layer")

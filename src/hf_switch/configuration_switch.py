@@ -1,7 +1,6 @@
 """Configuration of Switch Transformers (Fedus, Zoph & Shazeer, 2021) for hf_switch."""
 
 import math
-from typing import Literal
 
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
@@ -62,6 +61,9 @@ class SwitchConfig(PreTrainedConfig):
         router_dtype: Precision of the router computation ("selective precision" in the paper).
         router_ignore_padding_tokens: Whether padding tokens are kept out of routing, capacity and router losses.
         router_z_loss_coef: Weight of the router z-loss in the training loss.
+        router_check_finite: Whether every forward checks that the router logits are finite and raises a
+            `FloatingPointError` naming the layer when they hold NaN or inf. The check costs one host-device
+            synchronisation per stack; turn it off for speed once training is known to be stable.
         router_aux_loss_coef: Weight of the load-balancing loss in the training loss.
         expert_dropout: Dropout inside the experts (the paper finetunes with 0.4); `None` uses `dropout_rate`.
         expert_parallel_size: Number of ranks the experts of each layer are sharded over.
@@ -105,8 +107,10 @@ class SwitchConfig(PreTrainedConfig):
     router_top_k: int = 1
     router_bias: bool = False
     router_jitter_noise: float | int = 0.01
-    router_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    # A plain str, validated in validate_switch, so that an error quotes the value (strict's Literal check does not).
+    router_dtype: str = "float32"
     router_ignore_padding_tokens: bool = False
+    router_check_finite: bool = True
     router_z_loss_coef: float | int = 1e-3
     router_aux_loss_coef: float | int = 1e-2
     expert_dropout: float | int | None = None
@@ -212,10 +216,20 @@ class SwitchConfig(PreTrainedConfig):
 
     @classmethod
     def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
-        """Read a `config.json`; one of transformers' `switch_transformers` is translated into this config's fields."""
+        """Read a `config.json`; one of transformers' `switch_transformers` is translated into this config's fields.
+
+        A config of any other model type is refused: its fields would silently fall back to Switch defaults.
+        """
         config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
-        if config_dict.get("model_type") == "switch_transformers":
+        model_type = config_dict.get("model_type", cls.model_type)
+        if model_type == "switch_transformers":
             config_dict = cls.dict_from_switch_transformers(config_dict)
+        elif model_type != cls.model_type:
+            raise ValueError(
+                f"{pretrained_model_name_or_path}: its config.json has model_type={model_type!r}, but SwitchConfig "
+                f"loads model_type {cls.model_type!r} or transformers' 'switch_transformers'. A dense T5 becomes a "
+                "Switch model with hf_switch.upcycle (`hf-switch upcycle`)."
+            )
         return config_dict, kwargs
 
     @classmethod

@@ -6,7 +6,12 @@ and statistics, and the model classes. Shapes: `B` batch, `T` sequence length, `
 """
 
 import copy
+import json
+import os
+import shutil
+import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -225,14 +230,67 @@ class SwitchPreTrainedModel(PreTrainedModel):
         "cross_attentions": OutputRecorder(T5LayerCrossAttention, index=-1),
     }
 
-    def save_pretrained(self, save_directory, *args, save_original_format: bool = False, **kwargs):
-        """`PreTrainedModel.save_pretrained`, keeping the experts stacked by default.
+    def save_pretrained(
+        self, save_directory, is_main_process: bool = True, *args, save_original_format: bool = False, **kwargs
+    ):
+        """`PreTrainedModel.save_pretrained`, atomic, keeping the experts stacked by default.
+
+        The folder is written as a hidden sibling `.NAME.saving-*` and renamed into place once complete, so a save
+        killed midway leaves the previous folder as it was (and the hidden sibling behind). Files of the previous
+        folder that this save does not write (a tokenizer, trainer checkpoints, logs) are kept, hard-linked into the
+        new one; its weight files are not, so no stale shard outlives the save. Between the two renames that swap
+        an existing folder (microseconds) the previous one is at `.NAME.previous-*`.
 
         transformers would otherwise revert the registered checkpoint conversion and write transformers' per-expert
         layout, which a remote-code load (no conversion registered) could not read back. Use
         `hf_switch.save_as_switch_transformers` to write a transformers `SwitchTransformers` folder.
         """
-        return super().save_pretrained(save_directory, *args, save_original_format=save_original_format, **kwargs)
+        target = Path(save_directory)
+        if not is_main_process or target.is_file():
+            # Other ranks write nothing of their own here; transformers reports a file in the way.
+            return super().save_pretrained(
+                save_directory, is_main_process, *args, save_original_format=save_original_format, **kwargs
+            )
+        if kwargs.get("push_to_hub"):
+            kwargs.setdefault("repo_id", target.name)  # the Hub repository is named after the folder, not the staging
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = target.with_name(f".{target.name}.saving-{uuid.uuid4().hex[:12]}")
+        staging.mkdir()
+        try:
+            result = super().save_pretrained(
+                staging, is_main_process, *args, save_original_format=save_original_format, **kwargs
+            )
+            _swap_into_place(staging, target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return result
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, output_loading_info: bool = False, **kwargs):
+        """`PreTrainedModel.from_pretrained`, strict about what the checkpoint holds.
+
+        transformers warns about missing weights and initialises them at random; a Switch model with a random router
+        or random experts looks loaded but computes noise. Here a missing weight is an error (except an untied
+        `lm_head`, which a task head may start fresh), and so is an unexpected router or expert weight (the
+        checkpoint places experts where the config does not). A shape that does not fit raises in transformers.
+        Weight files are checked before they are read (see `_load_pretrained_model`).
+        """
+        model, loading_info = super().from_pretrained(
+            pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
+        )
+        _verify_loaded_keys(loading_info, pretrained_model_name_or_path)
+        return (model, loading_info) if output_loading_info else model
+
+    @staticmethod
+    def _load_pretrained_model(model, state_dict, checkpoint_files, load_config, *args, **kwargs):
+        # The seam where transformers has resolved the weight files (local, cached from the Hub, or shards) and not
+        # yet opened them: a truncated file would otherwise fail in safetensors without naming itself.
+        model_dtypes = {key: tensor.dtype for key, tensor in model.state_dict().items()}
+        for file in checkpoint_files or ():
+            if file.endswith(".safetensors"):
+                _check_stored_dtypes(file, _read_safetensors_header(file), model_dtypes)
+        return PreTrainedModel._load_pretrained_model(model, state_dict, checkpoint_files, load_config, *args, **kwargs)
 
     def _initialize_weights(self, module, is_custom_code: bool = False):
         # transformers skips, for custom code, modules that own no parameters themselves (T5Attention, the router)
@@ -289,6 +347,96 @@ class SwitchPreTrainedModel(PreTrainedModel):
         return shifted.masked_fill_(shifted == -100, pad_token_id)
 
 
+def _is_weight_file(name: str) -> bool:
+    """Whether `save_pretrained` writes files of this name (weights, shards, their index)."""
+    return name.startswith(("model", "pytorch_model")) and name.endswith((".safetensors", ".bin", ".index.json"))
+
+
+def _link_or_copy(source, destination) -> None:
+    try:
+        os.link(source, destination, follow_symlinks=False)
+    except OSError:  # a file system without hard links
+        shutil.copy2(source, destination, follow_symlinks=False)
+
+
+def _swap_into_place(staging: Path, target: Path) -> None:
+    """Make the complete folder `staging` the folder `target` by renames, keeping `target`'s other files."""
+    if not target.exists():
+        staging.rename(target)
+        return
+    for entry in target.iterdir():
+        if (staging / entry.name).exists() or _is_weight_file(entry.name):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, staging / entry.name, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(entry, staging / entry.name)
+    previous = target.with_name(staging.name.replace(".saving-", ".previous-"))
+    target.rename(previous)
+    staging.rename(target)
+    shutil.rmtree(previous)
+
+
+def _read_safetensors_header(path: str) -> dict:
+    """The JSON header of a safetensors file, checked against the file's size; errors name the file."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as handle:
+        header_length = int.from_bytes(handle.read(8), "little")
+        raw_header = handle.read(header_length) if 8 + header_length <= size else b""
+    try:
+        header = json.loads(raw_header)
+        data_length = max((entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"))
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+        raise OSError(
+            f"{path}: truncated or corrupted safetensors file: its {size:,} bytes do not start with a readable "
+            "header. Save or download it again."
+        ) from None
+    expected = 8 + header_length + data_length
+    if size != expected:
+        state = "truncated" if size < expected else "corrupted"
+        raise OSError(
+            f"{path}: {state} safetensors file: it holds {size:,} bytes where its header describes {expected:,}. "
+            "Save or download it again."
+        )
+    return header
+
+
+def _check_stored_dtypes(path: str, header: dict, model_dtypes: dict) -> None:
+    """Refuse a non-floating tensor stored for a floating-point weight (a float dtype is cast as transformers does)."""
+    for name, entry in header.items():
+        dtype = model_dtypes.get(name)
+        if dtype is not None and dtype.is_floating_point and not entry["dtype"].startswith(("F", "BF")):
+            raise ValueError(
+                f"{path}: {name} is stored as {entry['dtype']}, but the model's weight is floating point ({dtype}); "
+                "the file is corrupted or not a Switch checkpoint."
+            )
+
+
+def _is_routing_weight(key: str) -> bool:
+    return ".mlp.router." in key or ".mlp.experts." in key
+
+
+def _listed(keys: list[str], shown: int = 4) -> str:
+    return ", ".join(keys[:shown]) + (f" and {len(keys) - shown} more" if len(keys) > shown else "")
+
+
+def _verify_loaded_keys(loading_info: dict, source) -> None:
+    """Raise when a checkpoint lacks weights of the model or holds routing weights the config places nowhere."""
+    missing = sorted(key for key in loading_info["missing_keys"] if not key.startswith("lm_head."))
+    unexpected = sorted(key for key in loading_info["unexpected_keys"] if _is_routing_weight(key))
+    problems = [f"it lacks {len(missing)} weights ({_listed(missing)})"] if missing else []
+    if unexpected:
+        problems.append(
+            f"it holds {len(unexpected)} router or expert weights the config places nowhere ({_listed(unexpected)})"
+        )
+    if problems:
+        raise ValueError(
+            f"{source}: the checkpoint does not fit the model: {'; '.join(problems)}. Check num_layers, num_experts "
+            "and num_sparse_encoder_layers/num_sparse_decoder_layers in its config.json against its weights, or save "
+            "it again."
+        )
+
+
 class SwitchStack(SwitchPreTrainedModel):
     """The encoder or the decoder: embeddings, blocks, final norm; collects the sparse layers' routing."""
 
@@ -305,6 +453,11 @@ class SwitchStack(SwitchPreTrainedModel):
         self.final_layer_norm = T5LayerNorm(config.d_model, eps=config.layer_norm_epsilon)
         self.dropout = nn.Dropout(config.dropout_rate)
         self.post_init()
+
+    @property
+    def sparse_layers(self) -> list[int]:
+        """Indices of the blocks whose feed-forward is a mixture of experts."""
+        return [i for i, block in enumerate(self.block) if block.is_sparse]
 
     def set_input_embeddings(self, new_embeddings):
         self.embed_tokens = new_embeddings
@@ -325,9 +478,11 @@ class SwitchStack(SwitchPreTrainedModel):
     ) -> SwitchStackOutput:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
+        prefix = "decoder_" if self.is_decoder else ""
         if inputs_embeds is None:
-            _check_token_ids(input_ids, self.config.vocab_size)
+            _check_token_ids(input_ids, self.config.vocab_size, f"{prefix}input_ids")
             inputs_embeds = self.embed_tokens(input_ids)
+        _check_not_empty(inputs_embeds, f"{prefix}input_ids" if input_ids is not None else f"{prefix}inputs_embeds")
 
         if not self.is_decoder:
             cache = None
@@ -374,15 +529,51 @@ class SwitchStack(SwitchPreTrainedModel):
             )
             if decision is not None:
                 stats.append(routing_stats(decision))
+        if self.config.router_check_finite:
+            _check_router_logits_finite(stats, self.sparse_layers, "decoder" if self.is_decoder else "encoder")
 
         hidden_states = self.dropout(self.final_layer_norm(hidden_states))
         return SwitchStackOutput(last_hidden_state=hidden_states, cache=cache, routing=tuple(stats))
 
 
-def _check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
-    if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= vocab_size):
-        bad = input_ids[(input_ids < 0) | (input_ids >= vocab_size)][0].item()
-        raise ValueError(f"input_ids: token id {bad} is outside the vocabulary [0, vocab_size={vocab_size}).")
+def _check_token_ids(token_ids: torch.Tensor, vocab_size: int, name: str, ignore_index: int | None = None) -> None:
+    """Name the first id outside `[0, vocab_size)` other than `ignore_index`, which an embedding or the loss would
+    otherwise fail on with an index error from deep inside."""
+    outside = (token_ids < 0) | (token_ids >= vocab_size)
+    if ignore_index is not None:
+        outside &= token_ids != ignore_index
+    if outside.any():
+        also = "" if ignore_index is None else f" (or {ignore_index})"
+        bad = token_ids[outside][0].item()
+        raise ValueError(f"{name}: token id {bad} is outside the vocabulary [0, vocab_size={vocab_size}){also}.")
+
+
+def _check_not_empty(inputs_embeds: torch.Tensor, name: str) -> None:
+    if inputs_embeds.shape[0] == 0 or inputs_embeds.shape[1] == 0:
+        raise ValueError(
+            f"{name}: got shape {tuple(inputs_embeds.shape[:2])}; the batch size and the sequence length must be at "
+            "least 1."
+        )
+
+
+def _check_router_logits_finite(stats: list[RoutingStats], sparse_layers: list[int], stack: str) -> None:
+    """Raise when a sparse layer's router logits hold NaN or inf, naming the first such layer.
+
+    One host-device synchronisation for the whole stack; the layer is located only once something is wrong.
+    """
+    if not stats:
+        return
+    finite = torch.stack([layer.router_logits.isfinite().all() for layer in stats])
+    if finite.all():
+        return
+    position = int((~finite).nonzero()[0])
+    logits = stats[position].router_logits
+    raise FloatingPointError(
+        f"The router logits of {stack} layer {sparse_layers[position]} hold {int(logits.isnan().sum())} NaN and "
+        f"{int(logits.isinf().sum())} inf values out of {logits.numel()}: the hidden states reaching that router are "
+        "not finite (a diverging run, a learning rate too high, an overflow in float16, or non-finite inputs_embeds). "
+        "SwitchConfig.router_check_finite=False turns this check off."
+    )
 
 
 def _routing_mask(attention_mask, inputs_embeds, ignore_padding: bool) -> torch.Tensor:
@@ -582,6 +773,8 @@ class SwitchForConditionalGeneration(SwitchEncoderDecoderModel, GenerationMixin)
         output_router_logits: also return each sparse layer's `[B, T, E]` router logits.
         num_items_in_batch: number of target tokens in the whole (accumulated, all-process) batch.
         """
+        if labels is not None:
+            _check_token_ids(labels, self.config.vocab_size, "labels", ignore_index=-100)
         if labels is not None and decoder_input_ids is None and decoder_inputs_embeds is None:
             decoder_input_ids = self._shift_right(labels)
         encoder_outputs, decoder_outputs = self._encode_decode(
@@ -642,6 +835,8 @@ class SwitchEncoderModel(SwitchPreTrainedModel):
     """The encoder alone, for embeddings and classification heads."""
 
     _tied_weights_keys = {"encoder.embed_tokens.weight": "shared.weight"}
+    # A full encoder-decoder checkpoint loads into the encoder alone, as with T5EncoderModel.
+    _keys_to_ignore_on_load_unexpected = [r"^decoder\."]
 
     def __init__(self, config: SwitchConfig):
         super().__init__(config)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from datasets import Dataset, DatasetDict, load_dataset
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from .arguments import DataArguments
 from .span_corruption import SpanCorruption, raw_length_for_input_length
@@ -143,12 +143,6 @@ def sentinel_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
             "corruption needs: use a T5 tokenizer, or leave out --tokenizer_name_or_path to train one that has them."
         )
     return ids
-
-
-def load_or_train_tokenizer(name_or_path: str | None, texts: Iterable[str], vocab_size: int):
-    if name_or_path:
-        return AutoTokenizer.from_pretrained(name_or_path)
-    return train_tokenizer(texts, vocab_size)
 
 
 def _span_corruption_map(tokenizer, data_args: DataArguments, seed: int):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    AutoTokenizer,
     DataCollatorForSeq2Seq,
     HfArgumentParser,
     Seq2SeqTrainer,
@@ -24,7 +25,7 @@ from ..configuration_switch import SwitchConfig
 from ..modeling_switch import SwitchForConditionalGeneration, SwitchStack
 from .arguments import PRESETS, DataArguments, ModelArguments, parse_config_overrides
 from .callbacks import add_routing_dashboard
-from .data import check_columns, load_or_train_tokenizer, load_raw_datasets, tokenize
+from .data import check_columns, load_raw_datasets, tokenize, train_tokenizer
 from .metrics import generation_metrics
 
 logger = logging.getLogger(__name__)
@@ -72,6 +73,22 @@ def _training_texts(raw, data_args: DataArguments):
     if data_args.objective == "span_corruption":
         return train[data_args.text_column]
     return list(train[data_args.source_column]) + list(train[data_args.target_column])
+
+
+def _shared_tokenizer(tokenizer_source, raw, data_args, model_args, training_args):
+    """The run's tokenizer, the same in every process.
+
+    Unigram training is not deterministic (ties and parallel sums), so only the first process trains a tokenizer;
+    it saves it to the output dir, where the others read it (a shared filesystem, or `--tokenizer_name_or_path`).
+    """
+    if tokenizer_source is not None:
+        return AutoTokenizer.from_pretrained(tokenizer_source)
+    with training_args.main_process_first(desc="tokenizer", local=False):
+        if training_args.process_index == 0:
+            tokenizer = train_tokenizer(_training_texts(raw, data_args), model_args.tokenizer_vocab_size)
+            tokenizer.save_pretrained(training_args.output_dir)
+            return tokenizer
+    return AutoTokenizer.from_pretrained(training_args.output_dir)
 
 
 def build_model(model_args: ModelArguments, tokenizer):
@@ -128,10 +145,7 @@ def run(
     model_folder = model_args.model_name_or_path or model_args.upcycle_from
     if tokenizer_source is None and model_folder and Path(model_folder, "tokenizer_config.json").exists():
         tokenizer_source = model_folder
-    with training_args.main_process_first(desc="tokenizer"):
-        tokenizer = load_or_train_tokenizer(
-            tokenizer_source, _training_texts(raw, data_args), model_args.tokenizer_vocab_size
-        )
+    tokenizer = _shared_tokenizer(tokenizer_source, raw, data_args, model_args, training_args)
     with training_args.main_process_first(desc="tokenize"):
         datasets = tokenize(raw, tokenizer, data_args, seed=training_args.seed)
     model = build_model(model_args, tokenizer)
