@@ -92,3 +92,15 @@ def test_out_of_vocabulary_ids_are_named():
 def test_expert_parallelism_is_refused_until_it_exists():
     with pytest.raises(NotImplementedError, match="expert_parallel_size=2"):
         tiny_model(expert_parallel_size=2)
+
+
+def test_ignored_target_padding_leaves_the_loss_alone_and_is_not_routed():
+    batch = random_batch(batch=2)
+    batch["labels"][0, 4:] = -100
+    dropless = dict(num_experts=2, capacity_factor=None, eval_capacity_factor=None)
+    routed_padding = tiny_model(**dropless)(**batch)
+    ignored_padding = tiny_model(**dropless, router_ignore_padding_tokens=True)(**batch)
+    real = batch["labels"] != -100
+    assert torch.allclose(ignored_padding.logits[real], routed_padding.logits[real], atol=1e-6)
+    assert ignored_padding.loss.item() != routed_padding.loss.item()  # the router losses leave padding out
+    assert ignored_padding.decoder_expert_counts.sum() == real.sum() < routed_padding.decoder_expert_counts.sum()

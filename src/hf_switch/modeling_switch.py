@@ -777,6 +777,10 @@ class SwitchForConditionalGeneration(SwitchEncoderDecoderModel, GenerationMixin)
             _check_token_ids(labels, self.config.vocab_size, "labels", ignore_index=-100)
         if labels is not None and decoder_input_ids is None and decoder_inputs_embeds is None:
             decoder_input_ids = self._shift_right(labels)
+        if labels is not None and decoder_attention_mask is None and self.config.router_ignore_padding_tokens:
+            # The targets' trailing padding is known only from the labels; it comes after every real position, so
+            # masking it changes nothing the loss sees, and keeps it out of routing and its statistics.
+            decoder_attention_mask = (labels != -100).long()
         encoder_outputs, decoder_outputs = self._encode_decode(
             input_ids,
             attention_mask,

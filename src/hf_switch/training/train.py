@@ -116,6 +116,8 @@ def build_model(model_args: ModelArguments, tokenizer):
     sparse = {
         "num_sparse_encoder_layers": dims["num_layers"] // 2,
         "num_sparse_decoder_layers": dims["num_layers"] // 2,
+        # Padded batches: padding takes no expert capacity and stays out of the routing statistics.
+        "router_ignore_padding_tokens": True,
     }
     return SwitchForConditionalGeneration(SwitchConfig(**{**dims, **sparse, **special, **overrides}))
 
