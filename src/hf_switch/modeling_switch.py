@@ -6,8 +6,6 @@ and statistics, and the model classes. Shapes: `B` batch, `T` sequence length, `
 """
 
 import copy
-import json
-import os
 import shutil
 import uuid
 from dataclasses import dataclass
@@ -34,6 +32,7 @@ from transformers.utils.generic import can_return_tuple, merge_with_config_defau
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .cache import SwitchCache
+from .checkpoints import check_stored_dtypes, read_safetensors_header, swap_into_place, verify_loaded_keys
 from .configuration_switch import SwitchConfig
 from .experts import SwitchExperts, combine, group_by_expert
 from .routing import RoutingStats, SwitchRouter, routing_stats
@@ -260,7 +259,7 @@ class SwitchPreTrainedModel(PreTrainedModel):
             result = super().save_pretrained(
                 staging, is_main_process, *args, save_original_format=save_original_format, **kwargs
             )
-            _swap_into_place(staging, target)
+            swap_into_place(staging, target)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -279,7 +278,7 @@ class SwitchPreTrainedModel(PreTrainedModel):
         model, loading_info = super().from_pretrained(
             pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
         )
-        _verify_loaded_keys(loading_info, pretrained_model_name_or_path)
+        verify_loaded_keys(loading_info, pretrained_model_name_or_path)
         return (model, loading_info) if output_loading_info else model
 
     @staticmethod
@@ -289,7 +288,7 @@ class SwitchPreTrainedModel(PreTrainedModel):
         model_dtypes = {key: tensor.dtype for key, tensor in model.state_dict().items()}
         for file in checkpoint_files or ():
             if file.endswith(".safetensors"):
-                _check_stored_dtypes(file, _read_safetensors_header(file), model_dtypes)
+                check_stored_dtypes(file, read_safetensors_header(file), model_dtypes)
         return PreTrainedModel._load_pretrained_model(model, state_dict, checkpoint_files, load_config, *args, **kwargs)
 
     def _initialize_weights(self, module, is_custom_code: bool = False):
@@ -345,96 +344,6 @@ class SwitchPreTrainedModel(PreTrainedModel):
         shifted[..., 1:] = input_ids[..., :-1].clone()
         shifted[..., 0] = decoder_start_token_id
         return shifted.masked_fill_(shifted == -100, pad_token_id)
-
-
-def _is_weight_file(name: str) -> bool:
-    """Whether `save_pretrained` writes files of this name (weights, shards, their index)."""
-    return name.startswith(("model", "pytorch_model")) and name.endswith((".safetensors", ".bin", ".index.json"))
-
-
-def _link_or_copy(source, destination) -> None:
-    try:
-        os.link(source, destination, follow_symlinks=False)
-    except OSError:  # a file system without hard links
-        shutil.copy2(source, destination, follow_symlinks=False)
-
-
-def _swap_into_place(staging: Path, target: Path) -> None:
-    """Make the complete folder `staging` the folder `target` by renames, keeping `target`'s other files."""
-    if not target.exists():
-        staging.rename(target)
-        return
-    for entry in target.iterdir():
-        if (staging / entry.name).exists() or _is_weight_file(entry.name):
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.copytree(entry, staging / entry.name, symlinks=True, copy_function=_link_or_copy)
-        else:
-            _link_or_copy(entry, staging / entry.name)
-    previous = target.with_name(staging.name.replace(".saving-", ".previous-"))
-    target.rename(previous)
-    staging.rename(target)
-    shutil.rmtree(previous)
-
-
-def _read_safetensors_header(path: str) -> dict:
-    """The JSON header of a safetensors file, checked against the file's size; errors name the file."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as handle:
-        header_length = int.from_bytes(handle.read(8), "little")
-        raw_header = handle.read(header_length) if 8 + header_length <= size else b""
-    try:
-        header = json.loads(raw_header)
-        data_length = max((entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"))
-    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
-        raise OSError(
-            f"{path}: truncated or corrupted safetensors file: its {size:,} bytes do not start with a readable "
-            "header. Save or download it again."
-        ) from None
-    expected = 8 + header_length + data_length
-    if size != expected:
-        state = "truncated" if size < expected else "corrupted"
-        raise OSError(
-            f"{path}: {state} safetensors file: it holds {size:,} bytes where its header describes {expected:,}. "
-            "Save or download it again."
-        )
-    return header
-
-
-def _check_stored_dtypes(path: str, header: dict, model_dtypes: dict) -> None:
-    """Refuse a non-floating tensor stored for a floating-point weight (a float dtype is cast as transformers does)."""
-    for name, entry in header.items():
-        dtype = model_dtypes.get(name)
-        if dtype is not None and dtype.is_floating_point and not entry["dtype"].startswith(("F", "BF")):
-            raise ValueError(
-                f"{path}: {name} is stored as {entry['dtype']}, but the model's weight is floating point ({dtype}); "
-                "the file is corrupted or not a Switch checkpoint."
-            )
-
-
-def _is_routing_weight(key: str) -> bool:
-    return ".mlp.router." in key or ".mlp.experts." in key
-
-
-def _listed(keys: list[str], shown: int = 4) -> str:
-    return ", ".join(keys[:shown]) + (f" and {len(keys) - shown} more" if len(keys) > shown else "")
-
-
-def _verify_loaded_keys(loading_info: dict, source) -> None:
-    """Raise when a checkpoint lacks weights of the model or holds routing weights the config places nowhere."""
-    missing = sorted(key for key in loading_info["missing_keys"] if not key.startswith("lm_head."))
-    unexpected = sorted(key for key in loading_info["unexpected_keys"] if _is_routing_weight(key))
-    problems = [f"it lacks {len(missing)} weights ({_listed(missing)})"] if missing else []
-    if unexpected:
-        problems.append(
-            f"it holds {len(unexpected)} router or expert weights the config places nowhere ({_listed(unexpected)})"
-        )
-    if problems:
-        raise ValueError(
-            f"{source}: the checkpoint does not fit the model: {'; '.join(problems)}. Check num_layers, num_experts "
-            "and num_sparse_encoder_layers/num_sparse_decoder_layers in its config.json against its weights, or save "
-            "it again."
-        )
 
 
 class SwitchStack(SwitchPreTrainedModel):
