@@ -169,3 +169,14 @@ def test_two_processes_report_the_loss_of_one_process_with_the_same_global_batch
         return next(entry["loss"] for entry in history if "loss" in entry)
 
     assert first_loss(tmp_path / "two") == pytest.approx(first_loss(tmp_path / "one"), rel=1e-3)
+
+
+def test_the_embedded_default_job_is_reproducible(tmp_path):
+    arguments = ["--preset", "tiny", "--report_to", "none", "--max_steps", "3", "--logging_steps", "1"]
+    arguments += ["--eval_strategy", "no", "--save_strategy", "no", "--max_train_samples", "96"]
+    losses = []
+    for run in ("first", "second"):
+        main([*arguments, "--output_dir", str(tmp_path / run)])
+        history = json.loads((tmp_path / run / "trainer_state.json").read_text())["log_history"]
+        losses.append([entry["loss"] for entry in history if "loss" in entry])
+    assert len(losses[0]) == 3 and losses[0] == losses[1]

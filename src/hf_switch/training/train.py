@@ -50,8 +50,10 @@ EMBEDDED_DEFAULTS = dict(
     save_steps=200,
     max_eval_samples=256,
     max_source_length=64,
-    tokenizer_vocab_size=4000,
 )
+# The embedded default's tokenizer, trained once on the embedded corpus (4,000 Unigram pieces) and shipped: Unigram
+# training numbers its pieces differently on every call, and the default job should be reproducible.
+EMBEDDED_TOKENIZER = Path(__file__).parent / "embedded_tokenizer"
 
 
 def parse_arguments(argv: list[str], extra: tuple[type, ...] = (), defaults: dict | None = None) -> tuple:
@@ -147,6 +149,8 @@ def run(
     model_folder = model_args.model_name_or_path or model_args.upcycle_from
     if tokenizer_source is None and model_folder and Path(model_folder, "tokenizer_config.json").exists():
         tokenizer_source = model_folder
+    if tokenizer_source is None and data_args.uses_embedded_default:
+        tokenizer_source = str(EMBEDDED_TOKENIZER)
     tokenizer = _shared_tokenizer(tokenizer_source, raw, data_args, model_args, training_args)
     with training_args.main_process_first(desc="tokenize"):
         datasets = tokenize(raw, tokenizer, data_args, seed=training_args.seed)
