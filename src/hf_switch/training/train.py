@@ -2,14 +2,16 @@
 
 Arguments are `ModelArguments`, `DataArguments` and transformers' `Seq2SeqTrainingArguments`, as flags or in one
 YAML/JSON file. With no data arguments it trains on an embedded offline default: span corruption on Python's own
-help texts, with a tokenizer trained on them.
+help texts, with a tokenizer trained on them once and shipped in the package.
 """
 
+import json
 import logging
 import sys
 from pathlib import Path
 
 import torch
+import yaml
 from transformers import (
     AutoTokenizer,
     DataCollatorForSeq2Seq,
@@ -57,15 +59,20 @@ EMBEDDED_TOKENIZER = Path(__file__).parent / "embedded_tokenizer"
 
 
 def parse_arguments(argv: list[str], extra: tuple[type, ...] = (), defaults: dict | None = None) -> tuple:
-    """`(ModelArguments, DataArguments, Seq2SeqTrainingArguments, *extra)` from flags or one YAML/JSON file."""
+    """`(ModelArguments, DataArguments, Seq2SeqTrainingArguments, *extra)` from flags or one YAML/JSON file.
+
+    Flags and file values override `RUN_DEFAULTS`, the command's `defaults` and, when no data is given,
+    `EMBEDDED_DEFAULTS`.
+    """
     parser = HfArgumentParser((ModelArguments, DataArguments, Seq2SeqTrainingArguments, *extra))
+    defaults = {**RUN_DEFAULTS, **(defaults or {})}
     if len(argv) == 1 and argv[0].endswith((".yaml", ".yml", ".json")):
-        if argv[0].endswith(".json"):
-            return parser.parse_json_file(argv[0])
-        return parser.parse_yaml_file(argv[0])
-    parser.set_defaults(**RUN_DEFAULTS, **(defaults or {}))
-    data_args = parser.parse_args_into_dataclasses(args=argv)[1]
-    if data_args.uses_embedded_default:
+        text = Path(argv[0]).read_text()
+        values = json.loads(text) if argv[0].endswith(".json") else yaml.safe_load(text)
+        embedded = EMBEDDED_DEFAULTS if parser.parse_dict({**defaults, **values})[1].uses_embedded_default else {}
+        return parser.parse_dict({**defaults, **embedded, **values})
+    parser.set_defaults(**defaults)
+    if parser.parse_args_into_dataclasses(args=argv)[1].uses_embedded_default:
         parser.set_defaults(**EMBEDDED_DEFAULTS)
     return parser.parse_args_into_dataclasses(args=argv)
 
