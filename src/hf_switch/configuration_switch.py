@@ -9,10 +9,14 @@ FEED_FORWARD_PROJECTIONS = ("relu", "gelu", "gated-relu", "gated-gelu", "gated-s
 ROUTER_DTYPES = ("float32", "float16", "bfloat16")
 
 
-def _require(condition: bool, field: str, value, allowed: str) -> None:
-    """Raise a `ValueError` that names the field, the value it got and what is allowed."""
+def require(condition: bool, name: str, value, allowed: str, owner: str = "") -> None:
+    """Raise a `ValueError` that names the field or argument, the value it got and what is allowed."""
     if not condition:
-        raise ValueError(f"SwitchConfig.{field}={value!r} is invalid: {field} must be {allowed}.")
+        raise ValueError(f"{owner}{name}={value!r} is invalid: {name} must be {allowed}.")
+
+
+def _require(condition: bool, field: str, value, allowed: str) -> None:
+    require(condition, field, value, allowed, owner="SwitchConfig.")
 
 
 def sparse_layer_indices(num_layers: int, num_sparse_layers: int) -> list[int]:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from transformers import Seq2SeqTrainer, T5Config, T5ForConditionalGeneration
 
+from .configuration_switch import require
 from .modeling_switch import SwitchForConditionalGeneration
 from .t5_transfer import (
     copy_non_ffn_weights,
@@ -26,27 +27,21 @@ from .t5_transfer import (
 EXPERT_INITS = ("mean", "most_used", "fresh")
 
 
-def _require(condition: bool, name: str, value, allowed: str) -> None:
-    """Raise a `ValueError` that names the argument, the value it got and what is allowed."""
-    if not condition:
-        raise ValueError(f"{name}={value!r} is invalid: {name} must be {allowed}.")
-
-
 def _check_student_arguments(teacher, expert_init, data, num_layers, num_decoder_layers, d_ff) -> None:
     if not isinstance(teacher, SwitchForConditionalGeneration):
         raise TypeError(f"teacher: expected a hf_switch SwitchForConditionalGeneration, got {type(teacher).__name__}.")
-    _require(expert_init in EXPERT_INITS, "expert_init", expert_init, f"one of {EXPERT_INITS}")
+    require(expert_init in EXPERT_INITS, "expert_init", expert_init, f"one of {EXPERT_INITS}")
     if expert_init == "most_used":
-        _require(data is not None, "data", data, "an iterable of batches when expert_init='most_used'")
+        require(data is not None, "data", data, "an iterable of batches when expert_init='most_used'")
     else:
-        _require(data is None, "data", data, f"None when expert_init={expert_init!r} (only 'most_used' reads data)")
+        require(data is None, "data", data, f"None when expert_init={expert_init!r} (only 'most_used' reads data)")
     config = teacher.config
     for name, value, most in (
         ("num_layers", num_layers, config.num_layers),
         ("num_decoder_layers", num_decoder_layers, config.num_decoder_layers),
         ("d_ff", d_ff, config.d_ff),
     ):
-        _require(value is None or 1 <= value <= most, name, value, f"None or between 1 and the teacher's {most}")
+        require(value is None or 1 <= value <= most, name, value, f"None or between 1 and the teacher's {most}")
 
 
 def kept_layers(num_teacher_layers: int, num_student_layers: int) -> list[int]:
@@ -265,22 +260,22 @@ class DistillationTrainer(Seq2SeqTrainer):
     """
 
     def __init__(self, *args, teacher: nn.Module, alpha: float = 0.25, temperature: float = 1.0, **kwargs):
-        _require(0 <= alpha <= 1, "alpha", alpha, "a number in [0, 1]")
-        _require(temperature > 0, "temperature", temperature, "a number > 0")
+        require(0 <= alpha <= 1, "alpha", alpha, "a number in [0, 1]")
+        require(temperature > 0, "temperature", temperature, "a number > 0")
         super().__init__(*args, **kwargs)
-        _require(
+        require(
             self.args.label_smoothing_factor == 0,
             "label_smoothing_factor",
             self.args.label_smoothing_factor,
             "0 with DistillationTrainer (the teacher's soft targets take its place)",
         )
-        _require(
+        require(
             self.compute_loss_func is None,
             "compute_loss_func",
             self.compute_loss_func,
             "None with DistillationTrainer (it computes the distillation loss)",
         )
-        _require(
+        require(
             self.args.n_gpu <= 1,
             "n_gpu",
             self.args.n_gpu,
@@ -362,7 +357,7 @@ def distill_main(argv: list[str] | None = None) -> dict:
     )
     if model_args.model_name_or_path is None:
         raise ValueError("hf-switch distill needs the teacher: --model_name_or_path FOLDER (a Switch model).")
-    _require(
+    require(
         arguments.expert_init in (*EXPERT_INITS, "none"),
         "--expert_init",
         arguments.expert_init,

@@ -33,7 +33,7 @@ import os
 import torch
 from transformers import T5ForConditionalGeneration
 
-from .configuration_switch import SwitchConfig
+from .configuration_switch import SwitchConfig, require
 from .modeling_switch import SwitchForConditionalGeneration
 from .t5_transfer import (
     T5_ARCHITECTURE_FIELDS,
@@ -109,11 +109,12 @@ def upcycle(
         A `SwitchForConditionalGeneration` on the dense model's device and dtype, in its train/eval mode.
     """
     dense = _load_dense(dense_t5)
-    if not router_init_scale > 0:
-        raise ValueError(
-            f"router_init_scale={router_init_scale!r} is invalid: router_init_scale must be a number > 0 (a zero "
-            "router never breaks the symmetry between experts)."
-        )
+    require(
+        router_init_scale > 0,
+        "router_init_scale",
+        router_init_scale,
+        "a number > 0 (a zero router never breaks the symmetry between experts)",
+    )
     fixed = sorted(set(switch_config_overrides) & {*T5_ARCHITECTURE_FIELDS, "tie_word_embeddings"})
     if fixed:
         raise ValueError(
