@@ -45,7 +45,14 @@ def _info(_: argparse.Namespace) -> None:
 def _convert(arguments: argparse.Namespace) -> None:
     from hf_switch import SwitchForConditionalGeneration, save_as_switch_transformers
 
-    model = SwitchForConditionalGeneration.from_pretrained(arguments.source)
+    if Path(arguments.source, "latest").is_file():  # a DeepSpeed checkpoint: experts in per-expert files
+        from hf_switch.expert_parallel import load_deepspeed_checkpoint
+
+        model = load_deepspeed_checkpoint(arguments.source, arguments.config)
+    elif arguments.config is not None:
+        raise SystemExit(f"hf-switch convert: --config is for DeepSpeed checkpoints; {arguments.source} is not one.")
+    else:
+        model = SwitchForConditionalGeneration.from_pretrained(arguments.source)
     if arguments.to == "transformers":
         save_as_switch_transformers(model, arguments.destination)
     else:
@@ -117,11 +124,20 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("info", help="print versions and the registered classes").set_defaults(run=_info)
 
     convert = commands.add_parser(
-        "convert", help="convert a checkpoint between hf_switch's layout and transformers' SwitchTransformers layout"
+        "convert",
+        help="convert a checkpoint between hf_switch's layout and transformers' SwitchTransformers layout, or "
+        "consolidate a DeepSpeed (expert-parallel) checkpoint into one folder",
     )
-    convert.add_argument("source", type=_folder_or_hub_id, help="a folder (or Hub id) in either layout")
+    convert.add_argument(
+        "source",
+        type=_folder_or_hub_id,
+        help="a folder (or Hub id) in either layout, or a DeepSpeed checkpoint folder (with a 'latest' file)",
+    )
     convert.add_argument("destination", help="the folder to write")
     convert.add_argument("--to", required=True, choices=("transformers", "hf_switch"), help="the layout to write")
+    convert.add_argument(
+        "--config", help="a DeepSpeed checkpoint's model config folder or config.json (default: the checkpoint folder's)"
+    )
     convert.set_defaults(run=_convert)
 
     upcycle = commands.add_parser("upcycle", help="turn a dense T5 folder into a Switch model (sparse upcycling)")

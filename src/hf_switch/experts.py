@@ -83,17 +83,19 @@ class SwitchExperts(nn.Module):
     # Fraction of experts that may be empty for the padded layout.
     empty_budget = 0.125
 
-    def __init__(self, config: SwitchConfig):
+    def __init__(self, config: SwitchConfig, num_local_experts: int | None = None):
         super().__init__()
         self.num_experts = config.num_experts
+        # All of them, unless expert parallelism spreads them over ranks (see `expert_parallel`).
+        self.num_local_experts = config.num_experts if num_local_experts is None else num_local_experts
         self.is_gated = config.is_gated_act
-        shape_in = (config.num_experts, config.d_ff, config.d_model)
+        shape_in = (self.num_local_experts, config.d_ff, config.d_model)
         if self.is_gated:
             self.wi_0 = nn.Parameter(torch.empty(shape_in))
             self.wi_1 = nn.Parameter(torch.empty(shape_in))
         else:
             self.wi = nn.Parameter(torch.empty(shape_in))
-        self.wo = nn.Parameter(torch.empty(config.num_experts, config.d_model, config.d_ff))
+        self.wo = nn.Parameter(torch.empty(self.num_local_experts, config.d_model, config.d_ff))
         self.act = ACT2FN[config.dense_act_fn]
         self.dropout = nn.Dropout(config.experts_dropout_rate)
         self.layout = "auto"
@@ -103,7 +105,7 @@ class SwitchExperts(nn.Module):
 
         Args:
             hidden_states: `[M, d]` tokens grouped by expert.
-            tokens_per_expert: `[E]` length of each expert's slice.
+            tokens_per_expert: `[E_local]` length of each held expert's slice (`E_local` = `num_local_experts`).
 
         Returns:
             `[M, d]` expert outputs, in the same order.
@@ -115,17 +117,19 @@ class SwitchExperts(nn.Module):
             return self._ffn(hidden_states, weights_in, weight_out, lambda x, w: GroupedLinear.apply(x, w, group_sizes))
         capacity, width = max(group_sizes), hidden_states.shape[-1]
         slots = padded_slots(tokens_per_expert, capacity)
-        padded = hidden_states.new_zeros(self.num_experts * capacity, width).index_copy(0, slots, hidden_states)
-        outputs = self._ffn(padded.view(self.num_experts, capacity, width), weights_in, weight_out, PaddedLinear.apply)
-        return outputs.view(self.num_experts * capacity, weight_out.shape[1]).index_select(0, slots)
+        experts = self.num_local_experts
+        padded = hidden_states.new_zeros(experts * capacity, width).index_copy(0, slots, hidden_states)
+        outputs = self._ffn(padded.view(experts, capacity, width), weights_in, weight_out, PaddedLinear.apply)
+        return outputs.view(experts * capacity, weight_out.shape[1]).index_select(0, slots)
 
     def _pads(self, group_sizes: list[int]) -> bool:
         if self.layout != "auto":
             return self.layout == "padded"
+        experts = self.num_local_experts
         rows, empty = sum(group_sizes), group_sizes.count(0)
-        padded_rows = self.num_experts * max(group_sizes, default=0)
-        small_groups = rows < self.small_group_rows * self.num_experts
-        return empty <= self.empty_budget * self.num_experts and (
+        padded_rows = experts * max(group_sizes, default=0)
+        small_groups = rows < self.small_group_rows * experts
+        return empty <= self.empty_budget * experts and (
             small_groups or padded_rows <= self.padding_budget * rows
         )
 

@@ -324,7 +324,7 @@ def count_parameters(model) -> ParameterCount:
     idle = 0
     for module in model.modules():
         if isinstance(module, SwitchExperts):
-            per_expert = sum(parameter.numel() for parameter in module.parameters()) // module.num_experts
+            per_expert = sum(parameter.numel() for parameter in module.parameters()) // module.num_local_experts
             idle += (module.num_experts - model.config.router_top_k) * per_expert
     return ParameterCount(total=total, active=total - idle)
 

@@ -42,18 +42,20 @@ class SwitchSparseMLP(nn.Module):
     """Mixture-of-experts feed-forward: route, group tokens by expert, run the experts, combine.
 
     A token that no expert takes (dropped by capacity, or ignored padding) gets zeros here, so it passes through
-    the layer's residual connection unchanged.
+    the layer's residual connection unchanged. With `expert_parallel_size > 1` the experts are spread over the ranks
+    of an expert-parallel group and tokens travel to them by all-to-all (`expert_parallel.ExpertParallelExperts`).
     """
 
     def __init__(self, config: SwitchConfig):
         super().__init__()
-        if config.expert_parallel_size != 1:
-            raise NotImplementedError(
-                f"SwitchConfig.expert_parallel_size={config.expert_parallel_size}: expert parallelism is not available "
-                "in this version of hf_switch; only 1 (every rank holds every expert) is supported."
-            )
         self.router = SwitchRouter(config)
-        self.experts = SwitchExperts(config)
+        if config.expert_parallel_size > 1:
+            # The same contract with the experts spread over ranks; imported here since it needs deepspeed.
+            from .expert_parallel import ExpertParallelExperts
+
+            self.experts = ExpertParallelExperts(config)
+        else:
+            self.experts = SwitchExperts(config)
 
     def forward(self, hidden_states, token_mask, causal=False, past_expert_index=None):
         """`hidden_states` `[B, T, d]`, `token_mask` `[B, T]` -> (`[B, T, d]`, `RouterDecision`)."""
@@ -243,7 +245,13 @@ class SwitchPreTrainedModel(PreTrainedModel):
         transformers would otherwise revert the registered checkpoint conversion and write transformers' per-expert
         layout, which a remote-code load (no conversion registered) could not read back. Use
         `hf_switch.save_as_switch_transformers` to write a transformers `SwitchTransformers` folder.
+
+        Under expert parallelism the folder holds every expert and says `expert_parallel_size=1`: it loads in one
+        process, or under any expert-parallel size. Every rank must call it (the experts are gathered from the
+        group), unless `state_dict` is already `expert_parallel.consolidated_state_dict(model)`.
         """
+        if self.config.expert_parallel_size > 1:
+            return self._save_expert_parallel(save_directory, is_main_process, *args, **kwargs)
         target = Path(save_directory)
         if not is_main_process or target.is_file():
             # Other ranks write nothing of their own here; transformers reports a file in the way.
@@ -279,7 +287,30 @@ class SwitchPreTrainedModel(PreTrainedModel):
             pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
         )
         verify_loaded_keys(loading_info, pretrained_model_name_or_path)
+        for module in model.modules():
+            if hasattr(module, "mark_expert_parameters"):  # loading replaced the marked expert parameters
+                module.mark_expert_parameters()
         return (model, loading_info) if output_loading_info else model
+
+    def _save_expert_parallel(self, save_directory, is_main_process, *args, state_dict=None, **kwargs):
+        from .expert_parallel import consolidated_state_dict
+
+        if state_dict is None:
+            state_dict = consolidated_state_dict(self)
+        for name, module in self.named_modules():
+            if isinstance(module, SwitchExperts) and state_dict[f"{name}.wo"].shape[0] != self.config.num_experts:
+                raise ValueError(
+                    f"save_pretrained: state_dict holds {state_dict[f'{name}.wo'].shape[0]} experts for {name}, one "
+                    f"rank's share of {self.config.num_experts}; pass hf_switch.expert_parallel."
+                    "consolidated_state_dict(model) (called on every rank), or no state_dict."
+                )
+        if not is_main_process:
+            return None
+        self.config.expert_parallel_size, expert_parallel_size = 1, self.config.expert_parallel_size
+        try:
+            return self.save_pretrained(save_directory, is_main_process, *args, state_dict=state_dict, **kwargs)
+        finally:
+            self.config.expert_parallel_size = expert_parallel_size
 
     @staticmethod
     def _load_pretrained_model(model, state_dict, checkpoint_files, load_config, *args, **kwargs):
@@ -289,6 +320,10 @@ class SwitchPreTrainedModel(PreTrainedModel):
         for file in checkpoint_files or ():
             if file.endswith(".safetensors"):
                 check_stored_dtypes(file, read_safetensors_header(file), model_dtypes)
+        if model.config.expert_parallel_size > 1 and state_dict is None:
+            from .expert_parallel import local_expert_state_dict
+
+            state_dict = local_expert_state_dict(model, checkpoint_files)
         return PreTrainedModel._load_pretrained_model(model, state_dict, checkpoint_files, load_config, *args, **kwargs)
 
     def _initialize_weights(self, module, is_custom_code: bool = False):
@@ -739,6 +774,13 @@ class SwitchForConditionalGeneration(SwitchEncoderDecoderModel, GenerationMixin)
         cache = model_kwargs.get("cache")
         if type(cache) is EncoderDecoderCache and not getattr(cache, "_is_user_defined", False):
             model_kwargs["cache"] = SwitchCache(config=self.decoder.config)
+
+    def generate(self, *args, synced_gpus=None, **kwargs):
+        """`GenerationMixin.generate`; under expert parallelism the ranks decode in lockstep (`synced_gpus`), since
+        every step's all-to-all needs the whole group, also ranks whose sequences have finished."""
+        if self.config.expert_parallel_size > 1:
+            synced_gpus = True
+        return super().generate(*args, synced_gpus=synced_gpus, **kwargs)
 
     def prepare_decoder_input_ids_from_labels(self, labels: torch.Tensor):
         return self._shift_right(labels)

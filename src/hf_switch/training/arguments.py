@@ -38,6 +38,13 @@ class ModelArguments:
         default=None,
         metadata={"help": "comma-separated SwitchConfig fields, e.g. 'num_experts=16,capacity_factor=1.0'"},
     )
+    expert_parallel_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "ranks that share one copy of the experts (DeepSpeed expert parallelism; needs --deepspeed or an "
+            "accelerate DeepSpeed config); default: the DeepSpeed config's moe.expert_parallel_size, else the model's"
+        },
+    )
     tokenizer_name_or_path: str | None = field(
         default=None, metadata={"help": "a tokenizer folder or Hub id; default: the model folder's, else trained"}
     )
@@ -119,3 +126,22 @@ def _parse_value(text: str):
         except ValueError:
             pass
     return text
+
+
+def resolve_expert_parallel_size(flag: int | None, deepspeed_config: dict | None) -> int | None:
+    """The run's expert-parallel size: `--expert_parallel_size`, else the DeepSpeed config's
+    `"moe": {"expert_parallel_size": p}` section, else `None` (the model's own)."""
+    section = (deepspeed_config or {}).get("moe", {})
+    unknown = sorted(set(section) - {"expert_parallel_size"})
+    if unknown:
+        raise ValueError(f"DeepSpeed config moe section: unknown keys {unknown}; it takes only 'expert_parallel_size'.")
+    from_config = section.get("expert_parallel_size")
+    if flag is not None and from_config is not None and flag != from_config:
+        raise ValueError(
+            f"--expert_parallel_size={flag} contradicts the DeepSpeed config's moe.expert_parallel_size={from_config}: "
+            "give one of them, or the same value."
+        )
+    size = flag if flag is not None else from_config
+    if size is not None and (not isinstance(size, int) or size < 1):
+        raise ValueError(f"expert_parallel_size={size!r} is invalid: it must be a positive integer.")
+    return size

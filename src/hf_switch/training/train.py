@@ -25,10 +25,11 @@ from transformers import (
 
 from ..configuration_switch import SwitchConfig
 from ..modeling_switch import SwitchForConditionalGeneration, SwitchStack
-from .arguments import PRESETS, DataArguments, ModelArguments, parse_config_overrides
+from .arguments import PRESETS, DataArguments, ModelArguments, parse_config_overrides, resolve_expert_parallel_size
 from .callbacks import add_routing_dashboard
 from .data import check_columns, load_raw_datasets, tokenize, train_tokenizer
 from .metrics import generation_metrics
+from .trainer import SwitchTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -100,9 +101,14 @@ def _shared_tokenizer(tokenizer_source, raw, data_args, model_args, training_arg
     return AutoTokenizer.from_pretrained(training_args.output_dir)
 
 
-def build_model(model_args: ModelArguments, tokenizer):
-    """The model to train, sized to the tokenizer when built from a preset."""
+def build_model(model_args: ModelArguments, tokenizer, expert_parallel_size: int | None = None):
+    """The model to train, sized to the tokenizer when built from a preset, its experts spread over
+    `expert_parallel_size` ranks when given."""
     overrides = parse_config_overrides(model_args.config_overrides)
+    if expert_parallel_size is not None:
+        if model_args.architecture == "t5":
+            raise ValueError(f"--expert_parallel_size={expert_parallel_size}: a dense T5 (--architecture t5) has no experts.")
+        overrides["expert_parallel_size"] = expert_parallel_size
     if model_args.model_name_or_path and model_args.architecture == "t5":
         return T5ForConditionalGeneration.from_pretrained(model_args.model_name_or_path, **overrides)
     if model_args.model_name_or_path:
@@ -141,7 +147,7 @@ def run(
     training_args: Seq2SeqTrainingArguments,
     prepare_model=None,
     callbacks=(),
-    trainer_class=Seq2SeqTrainer,
+    trainer_class=SwitchTrainer,
 ) -> tuple[Seq2SeqTrainer, dict]:
     """Train, evaluate and save; returns the trainer and the final evaluation metrics.
 
@@ -161,7 +167,13 @@ def run(
     tokenizer = _shared_tokenizer(tokenizer_source, raw, data_args, model_args, training_args)
     with training_args.main_process_first(desc="tokenize"):
         datasets = tokenize(raw, tokenizer, data_args, seed=training_args.seed)
-    model = build_model(model_args, tokenizer)
+    deepspeed_config = training_args.deepspeed_plugin.deepspeed_config if training_args.deepspeed_plugin else None
+    expert_parallel_size = resolve_expert_parallel_size(model_args.expert_parallel_size, deepspeed_config)
+    model = build_model(model_args, tokenizer, expert_parallel_size)
+    if getattr(model.config, "expert_parallel_size", 1) > 1:
+        from ..expert_parallel import check_deepspeed_config
+
+        check_deepspeed_config(deepspeed_config)
     if len(tokenizer) > model.config.vocab_size:
         raise ValueError(
             f"The tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {model.config.vocab_size}: "

@@ -1,0 +1,224 @@
+"""One rank of the expert-parallel tests (tests/test_expert_parallel.py), started by torchrun on CPU with gloo.
+
+`python -m torch.distributed.run --standalone --nproc_per_node N tests/expert_parallel_worker.py SCENARIO DIR EP
+[OPTIONS_JSON]`; each scenario asserts on every rank and rank 0 writes DIR/SCENARIO.json with what it measured.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+# deepspeed.init_distributed JIT-compiles a shared-memory all-reduce op for CPUs (about a minute, cold); these tests
+# use gloo only, so skip the build (see ../shared/notes/environment.md).
+import deepspeed.comm.torch  # noqa: E402,F401  (the module object is patched through sys.modules)
+
+sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+
+import deepspeed  # noqa: E402
+import deepspeed.comm as dist  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import random_batch, tiny_config  # noqa: E402
+
+from hf_switch import SwitchForConditionalGeneration  # noqa: E402
+from hf_switch.expert_parallel import (  # noqa: E402
+    consolidated_state_dict,
+    deepspeed_checkpoint_state_dict,
+    moe_optimizer_groups,
+)
+
+TOLERANCE = 1e-5
+
+
+def config(**overrides):
+    # Every layer sparse and a binding capacity: routing, dropping and the all-to-all are all exercised.
+    fields = dict(num_experts=4, num_sparse_encoder_layers=2, num_sparse_decoder_layers=2, expert_capacity=3)
+    return tiny_config(**{**fields, **overrides})
+
+
+def reference_folder(directory: Path) -> Path:
+    """A single-process model saved by rank 0, the weights every scenario starts from."""
+    folder = directory / "reference"
+    if dist.get_rank() == 0:
+        torch.manual_seed(0)
+        SwitchForConditionalGeneration(config()).save_pretrained(folder)
+    dist.barrier()
+    return folder
+
+
+def this_ranks_rows(batch: dict) -> dict:
+    rows = len(next(iter(batch.values()))) // dist.get_world_size()
+    start = dist.get_rank() * rows
+    return {key: value[start : start + rows] for key, value in batch.items()}
+
+
+def equivalence(directory: Path, expert_parallel_size: int) -> dict:
+    """EP=world on `world` ranks, each with its share of the batch == EP=1 in one process on the whole batch."""
+    folder = reference_folder(directory)
+    world = dist.get_world_size()
+    assert expert_parallel_size == world
+    batch = random_batch(batch=2 * world, source=12, target=7, seed=3)
+    errors = {}
+    for wrong_size in (2 * world, 3):  # more ranks than the world has; not a divisor of num_experts=4
+        try:
+            SwitchForConditionalGeneration.from_pretrained(folder, expert_parallel_size=wrong_size)
+        except ValueError as error:
+            errors[wrong_size] = str(error)
+    assert "does not divide the world size" in errors[2 * world], errors
+    assert "does not divide num_experts=4" in errors[3], errors
+
+    reference = SwitchForConditionalGeneration.from_pretrained(folder).train()
+    reference_output = reference(**batch)
+    reference_output.loss.backward()
+
+    model = SwitchForConditionalGeneration.from_pretrained(folder, expert_parallel_size=world).train()
+    output = model(**this_ranks_rows(batch))
+    # The mean over ranks of each rank's mean loss is the whole batch's mean (equal rows and lengths).
+    (output.loss / world).backward()
+
+    rows = this_ranks_rows({"logits": reference_output.logits})["logits"]
+    logits_error = (output.logits - rows).abs().max().item()
+    assert logits_error < TOLERANCE, logits_error
+
+    reference_parameters = dict(reference.named_parameters())
+    gradient_error = 0.0
+    for name, parameter in model.named_parameters():
+        gradient = parameter.grad
+        expected = reference_parameters[name].grad
+        if getattr(parameter, "allreduce", True):
+            dist.all_reduce(gradient)  # data parallel: DeepSpeed's engine would do this
+        else:
+            first = dist.get_rank() * parameter.shape[0]
+            expected = expected[first : first + parameter.shape[0]]
+        gradient_error = max(gradient_error, (gradient - expected).abs().max().item())
+    assert gradient_error < TOLERANCE, gradient_error
+
+    length = dict(min_new_tokens=6, max_new_tokens=6, do_sample=False)  # no early end: equal lengths on all ranks
+    greedy = model.eval().generate(**this_ranks_rows(batch), **length)
+    expected_greedy = this_ranks_rows({"ids": reference.eval().generate(**batch, **length)})
+    assert torch.equal(greedy, expected_greedy["ids"])
+    return {"max_logit_error": logits_error, "max_gradient_error": gradient_error, "errors": errors}
+
+
+def engine_config(stage: int, deepspeed_optimizer: bool) -> dict:
+    fields = {
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": stage},
+        "zero_allow_untested_optimizer": True,
+        "gradient_clipping": 0.0,  # DeepSpeed clips at 1.0 by default; the step is compared unclipped
+    }
+    if deepspeed_optimizer:
+        # DeepSpeed builds the optimizer (and its MoE groups); torch's Adam, since its own compiles for minutes.
+        fields["optimizer"] = {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}}
+    return fields
+
+
+def initialize(folder: Path, stage: int, deepspeed_optimizer: bool, expert_parallel_size: int, optimizer_class=None):
+    model = SwitchForConditionalGeneration.from_pretrained(folder, expert_parallel_size=expert_parallel_size).train()
+    optimizer = None
+    if not deepspeed_optimizer:
+        optimizer_class = optimizer_class or torch.optim.AdamW
+        optimizer = optimizer_class(moe_optimizer_groups([{"params": list(model.parameters())}]), lr=1e-2)
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=optimizer, model_parameters=None if optimizer else model.parameters(),
+        config=engine_config(stage, deepspeed_optimizer),
+    )
+    return engine
+
+
+def train_steps(engine, steps: int) -> list[float]:
+    losses = []
+    for step in range(steps):
+        loss = engine(**this_ranks_rows(random_batch(batch=2 * dist.get_world_size(), seed=10 + step))).loss
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    return losses
+
+
+def gathered_logits(model, batch) -> torch.Tensor:
+    logits = model(**this_ranks_rows(batch)).logits.contiguous()
+    pieces = [torch.empty_like(logits) for _ in range(dist.get_world_size())]
+    dist.all_gather(pieces, logits)
+    return torch.cat(pieces)
+
+
+def engine(directory: Path, expert_parallel_size: int, stage: int = 2, deepspeed_optimizer: bool = False) -> dict:
+    """Train under deepspeed.initialize, save_checkpoint, resume in a fresh engine; consolidate the checkpoint and
+    the live model into single-process models with the expert-parallel model's logits."""
+    folder = reference_folder(directory)
+    batch = random_batch(batch=2 * dist.get_world_size(), seed=99)
+    trained = initialize(folder, stage, deepspeed_optimizer, expert_parallel_size)
+    assert trained.has_moe_layers
+    losses = train_steps(trained, 3)
+    trained.save_checkpoint(directory / "deepspeed")
+    checkpoint_logits = gathered_logits(trained.module.eval(), batch)
+    expert_files = list((directory / "deepspeed" / "global_step3").glob("layer_*_expert_*"))
+    # 4 sparse layers x 4 experts, one file each, whichever rank holds the expert.
+    assert len(expert_files) == 16, sorted(path.name for path in expert_files)
+
+    resumed = initialize(folder, stage, deepspeed_optimizer, expert_parallel_size)
+    resumed.load_checkpoint(directory / "deepspeed")
+    for (name, parameter), resumed_parameter in zip(trained.module.named_parameters(), resumed.module.parameters()):
+        assert torch.equal(parameter, resumed_parameter), name
+    trained.module.train()
+    next_losses = train_steps(trained, 1), train_steps(resumed, 1)
+    assert next_losses[0] == next_losses[1], next_losses
+
+    live_logits = gathered_logits(trained.module.eval(), batch)
+    trained.module.save_pretrained(directory / "consolidated")  # collective: gathers the experts
+    live_state = consolidated_state_dict(trained.module)
+    errors = {}
+    if dist.get_rank() == 0:
+        single = SwitchForConditionalGeneration.from_pretrained(directory / "consolidated").eval()
+        assert single.config.expert_parallel_size == 1
+        errors["consolidated_folder"] = (single(**batch).logits - live_logits).abs().max().item()
+        single.load_state_dict(live_state, strict=True)
+        errors["consolidated_state_dict"] = (single(**batch).logits - live_logits).abs().max().item()
+        single.load_state_dict(deepspeed_checkpoint_state_dict(directory / "deepspeed"), strict=True)
+        errors["deepspeed_checkpoint"] = (single(**batch).logits - checkpoint_logits).abs().max().item()
+        assert max(errors.values()) < TOLERANCE, errors
+    dist.barrier()
+    return {"losses": losses + list(next_losses[0]), "expert_files": len(expert_files), **errors}
+
+
+def training_step(directory: Path, expert_parallel_size: int, checkpoint: str | None = None) -> dict:
+    """One ZeRO-2 SGD step of the engine (expert gradients reduced over the expert-data-parallel group, the others
+    over all ranks) == one SGD step of a single process on the whole batch."""
+    folder = reference_folder(directory)
+    batch = random_batch(batch=2 * dist.get_world_size(), seed=5)
+    reference = SwitchForConditionalGeneration.from_pretrained(folder).train()
+    reference(**batch).loss.backward()
+    expected = {name: parameter - 1e-2 * parameter.grad for name, parameter in reference.named_parameters()}
+
+    model = initialize(folder, 2, False, expert_parallel_size, optimizer_class=torch.optim.SGD)
+    model.backward(model(**this_ranks_rows(batch)).loss)
+    model.step()
+    updated = consolidated_state_dict(model.module)
+    errors = {name: (updated[name] - value).abs().max().item() for name, value in expected.items()}
+    error = max(errors.values())
+    assert error < TOLERANCE, sorted(errors.items(), key=lambda item: -item[1])[:6]
+    result = {"max_parameter_error": error}
+
+    if checkpoint is not None:  # written by the engine scenario under another expert-parallel size
+        model.load_checkpoint(checkpoint, load_optimizer_states=False, load_lr_scheduler_states=False)
+        loaded, saved = consolidated_state_dict(model.module), deepspeed_checkpoint_state_dict(checkpoint)
+        assert all(torch.equal(loaded[name], saved[name]) for name in saved)
+        result["loaded_checkpoint_of_other_size"] = True
+    return result
+
+
+SCENARIOS = {"equivalence": equivalence, "engine": engine, "training_step": training_step}
+
+
+if __name__ == "__main__":
+    scenario, directory, expert_parallel_size = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+    options = json.loads(sys.argv[4]) if len(sys.argv) > 4 else {}
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    result = SCENARIOS[scenario](directory, expert_parallel_size, **options)
+    if dist.get_rank() == 0:
+        (directory / f"{scenario}.json").write_text(json.dumps(result))
+    dist.barrier()

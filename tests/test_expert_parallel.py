@@ -1,0 +1,168 @@
+"""Expert parallelism with DeepSpeed-MoE: multi-process runs on CPU (gloo) checked against one process, checkpoints
+across expert-parallel sizes, `accelerate launch` with the DeepSpeed plugin on one and two "nodes", and the errors."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import tiny_config
+from safetensors.torch import load_file
+
+from hf_switch import SwitchForConditionalGeneration
+from hf_switch.training.arguments import resolve_expert_parallel_size
+
+pytest.importorskip("deepspeed")
+
+from hf_switch.expert_parallel import (  # noqa: E402
+    check_deepspeed_config,
+    deepspeed_checkpoint_state_dict,
+    load_deepspeed_checkpoint,
+)
+
+ROOT = Path(__file__).parent.parent
+WORKER = Path(__file__).parent / "expert_parallel_worker.py"
+ENTRY = Path(__file__).parent / "deepspeed_cpu_entry.py"
+# More processes than cores: one thread each, or every op waits at OpenMP barriers.
+ENVIRONMENT = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+
+
+def run_ranks(ranks: int, scenario: str, directory: Path, expert_parallel_size: int, **options) -> dict:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)]
+    command += [str(WORKER), scenario, str(directory), str(expert_parallel_size), json.dumps(options)]
+    subprocess.run(command, check=True, env=ENVIRONMENT, timeout=300)
+    return json.loads((directory / f"{scenario}.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def engine_run(tmp_path_factory):
+    """ZeRO-2 with the Trainer-style torch optimizer, EP=2 on 2 ranks; later tests reuse its checkpoint."""
+    directory = tmp_path_factory.mktemp("engine")
+    return directory, run_ranks(2, "engine", directory, 2, stage=2)
+
+
+@pytest.mark.slow
+def test_two_ranks_give_the_logits_gradients_and_generations_of_one_process(tmp_path):
+    result = run_ranks(2, "equivalence", tmp_path, 2)
+    assert result["max_logit_error"] < 1e-5 and result["max_gradient_error"] < 1e-5
+
+
+@pytest.mark.slow
+def test_engine_trains_saves_per_expert_files_resumes_and_consolidates(engine_run):
+    _, result = engine_run
+    assert result["expert_files"] == 16
+    assert result["losses"][-1] < result["losses"][0]
+    for key in ("consolidated_folder", "consolidated_state_dict", "deepspeed_checkpoint"):
+        assert result[key] < 1e-5, (key, result)
+
+
+@pytest.mark.slow
+def test_engine_with_deepspeed_optimizer_under_zero_1(tmp_path):
+    # DeepSpeed builds the optimizer and its MoE groups itself (torch's Adam: its own JIT-compiles for minutes).
+    result = run_ranks(2, "engine", tmp_path, 2, stage=1, deepspeed_optimizer=True)
+    assert result["losses"][-1] < result["losses"][0]
+
+
+@pytest.mark.slow
+def test_four_ranks_expert_and_data_parallel_step_equals_one_process_and_loads_another_size(engine_run):
+    """EP=2 x DP=2: expert gradients reduce over the expert-data-parallel group, the rest over all ranks; the
+    engine also loads the EP=2-on-2-ranks checkpoint (per-expert files are independent of the size)."""
+    directory, _ = engine_run
+    result = run_ranks(4, "training_step", directory, 2, checkpoint=str(directory / "deepspeed"))
+    assert result["max_parameter_error"] < 1e-5
+    assert result["loaded_checkpoint_of_other_size"]
+
+
+def test_consolidating_a_checkpoint_with_a_missing_expert_file_names_it(engine_run, tmp_path):
+    directory, _ = engine_run
+    damaged = tmp_path / "deepspeed"
+    shutil.copytree(directory / "deepspeed", damaged)
+    (damaged / "global_step3" / "layer_1_expert_2_mp_rank_00_model_states.pt").unlink()
+    with pytest.raises(ValueError, match=r"lack experts \[2\]"):
+        deepspeed_checkpoint_state_dict(damaged)
+    with pytest.raises(FileNotFoundError, match="no 'latest' file"):
+        deepspeed_checkpoint_state_dict(damaged / "global_step3")
+
+
+def test_convert_consolidates_a_deepspeed_checkpoint(engine_run, tmp_path):
+    directory, _ = engine_run
+    command = [sys.executable, "-m", "hf_switch.cli", "convert", str(directory / "deepspeed"), str(tmp_path / "out")]
+    subprocess.run([*command, "--to", "hf_switch", "--config", str(directory / "reference")], check=True, timeout=120)
+    written = load_file(tmp_path / "out" / "model.safetensors")
+    expected = load_deepspeed_checkpoint(directory / "deepspeed", directory / "reference").state_dict()
+    assert all((written[key] == expected[key]).all() for key in written)
+    assert SwitchForConditionalGeneration.from_pretrained(tmp_path / "out").config.expert_parallel_size == 1
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_accelerate_deepspeed_plugin_trains_and_two_nodes_resume_it_exactly(tmp_path):
+    """`accelerate launch` with the CPU DeepSpeed config runs scripts/train.py with EP=2; a run resumed from its
+    checkpoint by two launcher invocations (machine ranks 0 and 1 on loopback) ends with the same weights."""
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
+    launch += [str(ROOT / "configs/accelerate/cpu_deepspeed_moe.yaml")]
+    train = [str(ENTRY), str(ROOT / "scripts/train.py"), "--preset", "tiny", "--max_steps", "6", "--save_steps", "3"]
+    train += ["--per_device_train_batch_size", "4", "--max_eval_samples", "16", "--report_to", "none"]
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    subprocess.run([*launch, *train, "--output_dir", str(whole)], check=True, env=ENVIRONMENT, timeout=300, cwd=ROOT)
+
+    checkpoint = whole / "checkpoint-3"
+    assert len(list((checkpoint / "global_step3").glob("layer_*_expert_*"))) == 8  # 2 sparse layers x 4 experts
+    shutil.copytree(checkpoint, resumed / "checkpoint-3")
+    two_nodes = [*launch, "--num_machines", "2", "--num_processes", "2", "--main_process_ip", "127.0.0.1"]
+    two_nodes += ["--main_process_port", str(_free_port()), "--deepspeed_multinode_launcher", "standard"]
+    resume = [*train, "--output_dir", str(resumed), "--resume_from_checkpoint", str(resumed / "checkpoint-3")]
+    nodes = [
+        subprocess.Popen([*two_nodes, "--machine_rank", str(rank), *resume], env=ENVIRONMENT, cwd=ROOT)
+        for rank in (1, 0)
+    ]
+    assert [node.wait(timeout=300) for node in nodes] == [0, 0]
+
+    final_whole, final_resumed = load_file(whole / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert set(final_whole) == set(final_resumed)
+    assert all((final_whole[key] == final_resumed[key]).all() for key in final_whole)
+    model = SwitchForConditionalGeneration.from_pretrained(whole)  # every expert, in one process
+    assert model.config.expert_parallel_size == 1
+    assert model.encoder.block[1].layer[-1].mlp.experts.wo.shape[0] == 4
+
+
+def test_expert_parallelism_without_a_process_group_is_refused():
+    with pytest.raises(RuntimeError, match="expert_parallel_size=2 needs an initialised process group"):
+        SwitchForConditionalGeneration(tiny_config(expert_parallel_size=2))
+
+
+def test_expert_parallel_size_must_divide_num_experts():
+    # the config refuses it (a strict dataclass error wrapping a ValueError); a loading kwarg, which transformers sets
+    # after validation, is refused when the layer is built (tests/expert_parallel_worker.py, equivalence)
+    with pytest.raises(Exception, match="expert_parallel_size=3 is invalid.*divisor of num_experts=4"):
+        tiny_config(num_experts=4, expert_parallel_size=3)
+
+
+def test_zero_3_and_missing_deepspeed_are_refused_with_what_to_use():
+    with pytest.raises(ValueError, match="do not support ZeRO-3.*zero2_moe.json"):
+        check_deepspeed_config({"zero_optimization": {"stage": 3}})
+    with pytest.raises(ValueError, match="trains under DeepSpeed only"):
+        check_deepspeed_config(None)
+    check_deepspeed_config({"zero_optimization": {"stage": 2}})
+
+
+def test_expert_parallel_size_from_flag_or_deepspeed_config():
+    section = {"moe": {"expert_parallel_size": 2}}
+    assert resolve_expert_parallel_size(None, section) == 2
+    assert resolve_expert_parallel_size(4, {"zero_optimization": {"stage": 2}}) == 4
+    assert resolve_expert_parallel_size(None, None) is None
+    with pytest.raises(ValueError, match="contradicts"):
+        resolve_expert_parallel_size(4, section)
+    with pytest.raises(ValueError, match=r"unknown keys \['ep_size'\]"):
+        resolve_expert_parallel_size(None, {"moe": {"ep_size": 2}})
+    with pytest.raises(ValueError, match="must be a positive integer"):
+        resolve_expert_parallel_size(0, None)
