@@ -1,7 +1,8 @@
 """Run a script as `__main__` after turning off DeepSpeed's shared-memory comm op build.
 
 `deepspeed.init_distributed` on a CPU JIT-compiles that op (about a minute, cold) for fast CPU all-reduces; the
-multi-process tests use gloo and do not need it. Usage: `accelerate launch ... tests/deepspeed_cpu_entry.py SCRIPT ARGS`.
+multi-process tests use gloo and do not need it.
+Usage: `accelerate launch ... tests/deepspeed_cpu_entry.py SCRIPT ARGS`.
 """
 
 import runpy

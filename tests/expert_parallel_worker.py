@@ -8,22 +8,14 @@ import json
 import sys
 from pathlib import Path
 
+import deepspeed
+import deepspeed.comm as dist
+import deepspeed_cpu_entry  # noqa: F401  (skips the shared-memory op build of init_distributed)
 import torch
+from conftest import random_batch, tiny_config
 
-# deepspeed.init_distributed JIT-compiles a shared-memory all-reduce op for CPUs (about a minute, cold); these tests
-# use gloo only, so skip the build (see ../shared/notes/environment.md).
-import deepspeed.comm.torch  # noqa: E402,F401  (the module object is patched through sys.modules)
-
-sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
-
-import deepspeed  # noqa: E402
-import deepspeed.comm as dist  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).parent))
-from conftest import random_batch, tiny_config  # noqa: E402
-
-from hf_switch import SwitchForConditionalGeneration  # noqa: E402
-from hf_switch.expert_parallel import (  # noqa: E402
+from hf_switch import SwitchForConditionalGeneration
+from hf_switch.expert_parallel import (
     consolidated_state_dict,
     deepspeed_checkpoint_state_dict,
     moe_optimizer_groups,
@@ -123,7 +115,9 @@ def initialize(folder: Path, stage: int, deepspeed_optimizer: bool, expert_paral
         optimizer_class = optimizer_class or torch.optim.AdamW
         optimizer = optimizer_class(moe_optimizer_groups([{"params": list(model.parameters())}]), lr=1e-2)
     engine, *_ = deepspeed.initialize(
-        model=model, optimizer=optimizer, model_parameters=None if optimizer else model.parameters(),
+        model=model,
+        optimizer=optimizer,
+        model_parameters=None if optimizer else model.parameters(),
         config=engine_config(stage, deepspeed_optimizer),
     )
     return engine
@@ -162,7 +156,8 @@ def engine(directory: Path, expert_parallel_size: int, stage: int = 2, deepspeed
 
     resumed = initialize(folder, stage, deepspeed_optimizer, expert_parallel_size)
     resumed.load_checkpoint(directory / "deepspeed")
-    for (name, parameter), resumed_parameter in zip(trained.module.named_parameters(), resumed.module.parameters()):
+    resumed_parameters = resumed.module.parameters()
+    for (name, parameter), resumed_parameter in zip(trained.module.named_parameters(), resumed_parameters, strict=True):
         assert torch.equal(parameter, resumed_parameter), name
     trained.module.train()
     next_losses = train_steps(trained, 1), train_steps(resumed, 1)

@@ -166,3 +166,12 @@ def test_expert_parallel_size_from_flag_or_deepspeed_config():
         resolve_expert_parallel_size(None, {"moe": {"ep_size": 2}})
     with pytest.raises(ValueError, match="must be a positive integer"):
         resolve_expert_parallel_size(0, None)
+
+
+def test_lora_on_expert_parallel_models_is_refused():
+    from hf_switch import apply_lora, lora_config
+
+    model = SwitchForConditionalGeneration(tiny_config())
+    model.config.expert_parallel_size = 2  # as loaded with expert_parallel_size=2 (no process group needed here)
+    with pytest.raises(ValueError, match="expert_parallel_size=2: LoRA finetuning runs with every rank"):
+        apply_lora(model, lora_config("attention+experts", model.config))

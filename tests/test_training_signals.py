@@ -89,11 +89,6 @@ def test_out_of_vocabulary_ids_are_named():
         model(**batch)
 
 
-def test_expert_parallelism_is_refused_until_it_exists():
-    with pytest.raises(NotImplementedError, match="expert_parallel_size=2"):
-        tiny_model(expert_parallel_size=2)
-
-
 def test_ignored_target_padding_leaves_the_loss_alone_and_is_not_routed():
     batch = random_batch(batch=2)
     batch["labels"][0, 4:] = -100

@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("destination", help="the folder to write")
     convert.add_argument("--to", required=True, choices=("transformers", "hf_switch"), help="the layout to write")
     convert.add_argument(
-        "--config", help="a DeepSpeed checkpoint's model config folder or config.json (default: the checkpoint folder's)"
+        "--config", help="a DeepSpeed checkpoint's model config: a folder or config.json (default: the checkpoint's)"
     )
     convert.set_defaults(run=_convert)
 

@@ -35,7 +35,7 @@ from .experts import SwitchExperts
 
 # How DeepSpeed's engine names an expert's weights in its per-expert checkpoint files.
 DEEPSPEED_EXPERT_PREFIX = "deepspeed_moe.experts.deepspeed_experts."
-_DEEPSPEED_EXPERT_KEY = re.compile(r"^(.*)\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(\w+)$")
+_DEEPSPEED_EXPERT_KEY = r"(.*)\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(\w+)"
 _STACKED_EXPERT_NAMES = ("wi", "wi_0", "wi_1", "wo")
 
 
@@ -192,8 +192,11 @@ def local_expert_state_dict(model: torch.nn.Module, checkpoint_files: list[str])
     """
     from safetensors import safe_open
 
-    held = {f"{name}.": (module.first_expert, module.num_local_experts) for name, module in model.named_modules()
-            if isinstance(module, ExpertParallelExperts)}
+    held = {
+        f"{name}.": (module.first_expert, module.num_local_experts)
+        for name, module in model.named_modules()
+        if isinstance(module, ExpertParallelExperts)
+    }
     state_dict = {}
     for file in checkpoint_files:
         if not file.endswith(".safetensors"):
@@ -286,7 +289,7 @@ def deepspeed_checkpoint_state_dict(checkpoint_dir: str | Path, tag: str | None 
     experts: dict[str, dict[int, torch.Tensor]] = {}
     for expert_file in sorted(folder.glob("layer_*_expert_*_mp_rank_00_model_states.pt")):
         for key, tensor in torch.load(expert_file, map_location="cpu", weights_only=True).items():
-            match = _DEEPSPEED_EXPERT_KEY.match(key)
+            match = re.fullmatch(_DEEPSPEED_EXPERT_KEY, key)
             if match is None:
                 raise ValueError(f"{expert_file}: {key} is not a DeepSpeed expert weight name.")
             experts.setdefault(f"{match[1]}.{match[3]}", {})[int(match[2])] = tensor
@@ -298,7 +301,7 @@ def deepspeed_checkpoint_state_dict(checkpoint_dir: str | Path, tag: str | None 
     return state_dict
 
 
-def load_deepspeed_checkpoint(checkpoint_dir: str | Path, config_source: str | Path | None = None, tag: str | None = None):
+def load_deepspeed_checkpoint(checkpoint_dir: str | Path, config_source: str | Path | None = None, tag=None):
     """A single-process `SwitchForConditionalGeneration` with the weights of a DeepSpeed checkpoint.
 
     Args:

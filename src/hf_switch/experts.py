@@ -129,9 +129,7 @@ class SwitchExperts(nn.Module):
         rows, empty = sum(group_sizes), group_sizes.count(0)
         padded_rows = experts * max(group_sizes, default=0)
         small_groups = rows < self.small_group_rows * experts
-        return empty <= self.empty_budget * experts and (
-            small_groups or padded_rows <= self.padding_budget * rows
-        )
+        return empty <= self.empty_budget * experts and (small_groups or padded_rows <= self.padding_budget * rows)
 
     def _ffn(self, tokens, weights_in, weight_out, linear):
         """The expert feed-forward network, with `linear(x, stacked_weight)` applying each expert's weight."""

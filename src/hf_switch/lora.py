@@ -100,6 +100,13 @@ def expert_adapters(model: nn.Module) -> dict[str, list[str]]:
 
 def apply_lora(model: nn.Module, lora: LoraConfig) -> PeftModel:
     """`get_peft_model`, then refuse targets that matched nothing and sparse layers left without expert adapters."""
+    expert_parallel_size = getattr(model.config, "expert_parallel_size", 1)
+    if expert_parallel_size > 1:
+        # peft wraps the experts module, which then no longer is the DeepSpeed MoE layer its engine must recognise.
+        raise ValueError(
+            f"SwitchConfig.expert_parallel_size={expert_parallel_size}: LoRA finetuning runs with every rank holding "
+            "every expert (expert_parallel_size=1); adapters are small enough for plain data parallelism."
+        )
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     peft_model = get_peft_model(model, lora)
     adapted = _adapted_module_names(peft_model)

@@ -107,7 +107,7 @@ def build_model(model_args: ModelArguments, tokenizer, expert_parallel_size: int
     overrides = parse_config_overrides(model_args.config_overrides)
     if expert_parallel_size is not None:
         if model_args.architecture == "t5":
-            raise ValueError(f"--expert_parallel_size={expert_parallel_size}: a dense T5 (--architecture t5) has no experts.")
+            raise ValueError(f"--expert_parallel_size={expert_parallel_size}: a dense T5 (--architecture t5) has none.")
         overrides["expert_parallel_size"] = expert_parallel_size
     if model_args.model_name_or_path and model_args.architecture == "t5":
         return T5ForConditionalGeneration.from_pretrained(model_args.model_name_or_path, **overrides)
