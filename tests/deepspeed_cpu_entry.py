@@ -13,6 +13,8 @@ import deepspeed.comm.torch  # noqa: F401  (imported for the module object, patc
 sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
 
 if __name__ == "__main__":
-    script = sys.argv[1]
-    sys.argv = sys.argv[1:]
+    # The deepspeed launcher puts --local_rank=N first; it belongs to the script's arguments.
+    launcher_flags = [flag for flag in sys.argv[1:] if flag.startswith("--local_rank=")]
+    script, *arguments = [argument for argument in sys.argv[1:] if argument not in launcher_flags]
+    sys.argv = [script, *arguments, *launcher_flags]
     runpy.run_path(script, run_name="__main__")

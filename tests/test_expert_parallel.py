@@ -135,6 +135,22 @@ def test_accelerate_deepspeed_plugin_trains_and_two_nodes_resume_it_exactly(tmp_
     assert model.encoder.block[1].layer[-1].mlp.experts.wo.shape[0] == 4
 
 
+@pytest.mark.slow
+def test_deepspeed_launcher_trains_with_deepspeeds_optimizer_section(tmp_path):
+    """The `deepspeed` launcher and `--deepspeed` (not accelerate's plugin), with the config whose optimizer DeepSpeed
+    builds (its torch Adam here: its own compiles for a minute on a CPU)."""
+    config = json.loads((ROOT / "configs/deepspeed/zero2_moe_deepspeed_adamw.json").read_text())
+    config["optimizer"]["params"]["torch_adam"] = True
+    (tmp_path / "deepspeed.json").write_text(json.dumps(config))
+    command = ["deepspeed", "--num_gpus", "2", str(ENTRY), str(ROOT / "scripts/train.py")]
+    command += ["--deepspeed", str(tmp_path / "deepspeed.json"), "--preset", "tiny", "--max_steps", "4"]
+    command += ["--per_device_train_batch_size", "4", "--max_eval_samples", "16", "--report_to", "none"]
+    subprocess.run([*command, "--output_dir", str(tmp_path / "run")], check=True, env=ENVIRONMENT, timeout=300)
+    metrics = json.loads((tmp_path / "run" / "all_results.json").read_text())
+    assert metrics["train_loss"] > 0 and metrics["eval_loss"] > 0
+    assert SwitchForConditionalGeneration.from_pretrained(tmp_path / "run").config.expert_parallel_size == 1
+
+
 def test_expert_parallelism_without_a_process_group_is_refused():
     with pytest.raises(RuntimeError, match="expert_parallel_size=2 needs an initialised process group"):
         SwitchForConditionalGeneration(tiny_config(expert_parallel_size=2))

@@ -1,5 +1,6 @@
 """`SwitchTrainer`: transformers' `Seq2SeqTrainer`, able to train expert-parallel models under DeepSpeed."""
 
+import torch
 from transformers import Seq2SeqTrainer
 
 
@@ -13,7 +14,9 @@ class SwitchTrainer(Seq2SeqTrainer):
 
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
-        if self._is_expert_parallel:
+        # With an optimizer section in the DeepSpeed config this is accelerate's placeholder: DeepSpeed builds the
+        # optimizer, and its MoE groups, itself.
+        if self._is_expert_parallel and isinstance(optimizer, torch.optim.Optimizer):
             from ..expert_parallel import moe_optimizer_groups
 
             groups, optimizer.param_groups = moe_optimizer_groups(optimizer.param_groups), []
