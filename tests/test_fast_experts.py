@@ -129,3 +129,49 @@ def test_sparse_layer_matches_reference_including_router_gradient(layout, feed_f
         strict=True,
     ):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _backward(experts, hidden, tokens_per_expert, upstream) -> tuple[dict, dict]:
+    """Copies of the expert weight gradients after one more backward pass, and where those gradients live."""
+    experts(hidden, tokens_per_expert).backward(upstream)
+    parameters = dict(experts.named_parameters())
+    return (
+        {name: parameter.grad.clone() for name, parameter in parameters.items()},
+        {name: parameter.grad.data_ptr() for name, parameter in parameters.items()},
+    )
+
+
+@pytest.mark.parametrize("layout", ["grouped", "padded"])
+def test_gradient_memory_is_reused_only_once_nothing_refers_to_it(layout):
+    """Expert weight gradients are written into memory kept between steps (fresh large allocations are page-faulted
+    every step), never into a gradient still in use: accumulation and zero_grad(set_to_none=False) stay exact."""
+    experts = make_experts("gated-gelu", 4)
+    experts.layout = layout
+    generator = torch.Generator().manual_seed(0)
+    tokens_per_expert = torch.tensor([3, 0, 5, 2])
+    hidden = [torch.randn(10, 16, generator=generator) for _ in range(2)]
+    upstream = [torch.randn(10, 16, generator=generator) for _ in range(2)]
+    first, _ = _backward(experts, hidden[0], tokens_per_expert, upstream[0])
+
+    # Accumulation: the second pass must not write into the first pass's gradient.
+    accumulated, _ = _backward(experts, hidden[1], tokens_per_expert, upstream[1])
+    experts.zero_grad(set_to_none=True)
+    second, addresses = _backward(experts, hidden[1], tokens_per_expert, upstream[1])
+    for name in first:
+        torch.testing.assert_close(accumulated[name], first[name] + second[name], rtol=1e-6, atol=1e-6)
+
+    # Dropped gradients: the same memory comes back, holding exactly the new values.
+    experts.zero_grad(set_to_none=True)
+    again, again_addresses = _backward(experts, hidden[0], tokens_per_expert, upstream[0])
+    assert again_addresses == addresses
+    for name in first:
+        torch.testing.assert_close(again[name], first[name], rtol=0, atol=0)
+
+    # Zeroed in place: the kept gradient is accumulated into, not written over.
+    experts.zero_grad(set_to_none=False)
+    zeroed, _ = _backward(experts, hidden[1], tokens_per_expert, upstream[1])
+    for name in first:
+        torch.testing.assert_close(zeroed[name], second[name], rtol=1e-6, atol=1e-6)
+
+    experts.eval()
+    assert all(memory.buffer is None for memory in experts.gradient_memory.values())
