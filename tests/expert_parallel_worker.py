@@ -14,7 +14,7 @@ import deepspeed_cpu_entry  # noqa: F401  (skips the shared-memory op build of i
 import torch
 from conftest import random_batch, tiny_config
 
-from hf_switch import SwitchForConditionalGeneration
+from hf_switch import SwitchForConditionalGeneration, save_as_switch_transformers
 from hf_switch.expert_parallel import (
     consolidated_state_dict,
     deepspeed_checkpoint_state_dict,
@@ -73,6 +73,18 @@ def equivalence(directory: Path, expert_parallel_size: int) -> dict:
         name: _compare_with_one_process(folders[name], checkpointing)
         for name, (_, checkpointing) in EQUIVALENCE_CASES.items()
     }
+
+    # transformers' per-expert layout (google/switch-*) loads this rank's experts too, through the registered
+    # conversion.
+    transformers_folder = directory / "transformers_layout"
+    if dist.get_rank() == 0:
+        single = SwitchForConditionalGeneration.from_pretrained(folders["top1_capacity"])
+        save_as_switch_transformers(single, transformers_folder)
+    dist.barrier()
+    batch = this_ranks_rows(random_batch(batch=2 * world, seed=4))
+    ours = SwitchForConditionalGeneration.from_pretrained(folders["top1_capacity"], expert_parallel_size=world)
+    converted = SwitchForConditionalGeneration.from_pretrained(transformers_folder, expert_parallel_size=world)
+    assert torch.equal(ours.eval()(**batch).logits, converted.eval()(**batch).logits)
     return {**results, "errors": errors}
 
 

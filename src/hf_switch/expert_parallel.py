@@ -23,7 +23,7 @@ try:
     import deepspeed
     import deepspeed.comm as dist
     from deepspeed.moe.layer import MoE
-    from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
     from deepspeed.utils import groups
 except ImportError as error:  # this file also travels with remote code, to machines that may lack deepspeed
     raise ImportError(
@@ -179,10 +179,6 @@ def _stack_deepspeed_experts(module: ExpertParallelExperts, state_dict, prefix: 
             state_dict[f"{prefix}{name}"] = torch.stack([state_dict.pop(key) for key in keys])
 
 
-def expert_parallel_modules(model: torch.nn.Module) -> list[ExpertParallelExperts]:
-    return [module for module in model.modules() if isinstance(module, ExpertParallelExperts)]
-
-
 def local_expert_state_dict(model: torch.nn.Module, checkpoint_files: list[str]) -> dict:
     """The weights of `checkpoint_files` that this rank's model holds, read lazily from safetensors files.
 
@@ -243,10 +239,6 @@ def moe_optimizer_groups(param_groups: list[dict]) -> list[dict]:
     """
     named = [{**group, "name": group.get("name", f"group_{index}")} for index, group in enumerate(param_groups)]
     return [group for group in split_params_into_different_moe_groups_for_optimizer(named) if group["params"]]
-
-
-def has_expert_parallel_parameters(model: torch.nn.Module) -> bool:
-    return any(is_moe_param(parameter) for parameter in model.parameters())
 
 
 def check_deepspeed_config(deepspeed_config: dict | None) -> None:
