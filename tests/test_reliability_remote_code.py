@@ -49,9 +49,7 @@ def _import_problems(tree: ast.Module, siblings: set[str], allowed: set[str] = A
             continue
         else:
             continue
-        problems += [
-            f"line {node.lineno}: import {name}" for name in modules if name.split(".")[0] not in allowed
-        ]
+        problems += [f"line {node.lineno}: import {name}" for name in modules if name.split(".")[0] not in allowed]
     return problems
 
 
