@@ -85,7 +85,17 @@ def equivalence(directory: Path, expert_parallel_size: int) -> dict:
     ours = SwitchForConditionalGeneration.from_pretrained(folders["top1_capacity"], expert_parallel_size=world)
     converted = SwitchForConditionalGeneration.from_pretrained(transformers_folder, expert_parallel_size=world)
     assert torch.equal(ours.eval()(**batch).logits, converted.eval()(**batch).logits)
-    return {**results, "errors": errors}
+
+    # bf16 (what GPUs train in): the all-to-alls carry bf16 rows; the experts multiply other rows alongside.
+    bf16 = dict(dtype=torch.bfloat16)
+    single = SwitchForConditionalGeneration.from_pretrained(folders["top1_capacity"], **bf16).eval()
+    parallel = SwitchForConditionalGeneration.from_pretrained(
+        folders["top1_capacity"], expert_parallel_size=world, **bf16
+    )
+    expected = this_ranks_rows({"logits": single(**random_batch(batch=2 * world, seed=4)).logits})["logits"]
+    bf16_error = (parallel.eval()(**batch).logits - expected).abs().max().item()
+    assert bf16_error < 0.05 * expected.abs().max().item(), bf16_error
+    return {**results, "errors": errors, "max_bf16_logit_error": bf16_error}
 
 
 def _compare_with_one_process(folder: Path, gradient_checkpointing: bool) -> dict:
