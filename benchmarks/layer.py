@@ -12,6 +12,7 @@ from transformers import SwitchTransformersConfig
 from transformers.models.switch_transformers.modeling_switch_transformers import SwitchTransformersSparseMLP
 
 from hf_switch import SwitchConfig
+from hf_switch.experts import Dispatch
 from hf_switch.modeling_switch import SwitchSparseMLP
 
 from .timing import compare
@@ -82,8 +83,9 @@ def layer_variants(case: LayerCase, backward: bool) -> dict:
     tokens = case.batch * case.length
     hidden = torch.randn(case.batch, case.length, case.d_model, requires_grad=backward)
     token_mask = torch.ones(case.batch, case.length, dtype=torch.bool)
-    balanced = torch.full((case.num_experts,), tokens // case.num_experts, dtype=torch.long)
-    balanced[: tokens % case.num_experts] += 1
+    counts = torch.full((case.num_experts,), tokens // case.num_experts, dtype=torch.long)
+    counts[: tokens % case.num_experts] += 1
+    balanced = Dispatch(token_ids=torch.arange(tokens), weights=None, tokens_per_expert=counts)
     experts = layers["ours"].experts
 
     def run(forward, *modules, layout="auto"):

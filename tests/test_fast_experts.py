@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_config
 from torch import nn
 
-from hf_switch.experts import SwitchExperts, combine, group_by_expert
+from hf_switch.experts import Dispatch, SwitchExperts, group_by_expert
 from hf_switch.modeling_switch import SwitchSparseMLP
 
 LAYOUTS = ["grouped", "padded", "auto"]
@@ -66,7 +66,7 @@ def test_dispatch_experts_combine_match_reference(layout, feed_forward_proj, top
 
     dispatch = group_by_expert(expert_index, expert_weight, kept, num_experts)
     assert (dispatch.tokens_per_expert == 0).sum() >= num_experts // 2
-    output = combine(experts(hidden[dispatch.token_ids], dispatch.tokens_per_expert), dispatch, num_tokens)
+    output = experts(hidden, dispatch)
     expected = reference_moe(experts, hidden, expert_index, expert_weight, kept)
 
     dropped = ~kept.any(dim=1)
@@ -86,9 +86,12 @@ def test_dispatch_experts_combine_match_reference(layout, feed_forward_proj, top
 def test_experts_without_any_token(layout):
     experts = make_experts("relu", num_experts=4)
     experts.layout = layout
-    hidden = torch.zeros(0, experts.wo.shape[1], requires_grad=True)
-    output = experts(hidden, torch.zeros(4, dtype=torch.long))
-    assert output.shape == (0, experts.wo.shape[1])
+    hidden = torch.zeros(3, experts.wo.shape[1], requires_grad=True)
+    nothing = torch.zeros(0, dtype=torch.long)
+    output = experts(
+        hidden, Dispatch(token_ids=nothing, weights=None, tokens_per_expert=torch.zeros(4, dtype=torch.long))
+    )
+    assert torch.equal(output, torch.zeros_like(hidden))
     output.sum().backward()
     assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in experts.parameters())
 
@@ -133,7 +136,8 @@ def test_sparse_layer_matches_reference_including_router_gradient(layout, feed_f
 
 def _backward(experts, hidden, tokens_per_expert, upstream) -> tuple[dict, dict]:
     """Copies of the expert weight gradients after one more backward pass, and where those gradients live."""
-    experts(hidden, tokens_per_expert).backward(upstream)
+    in_order = Dispatch(torch.arange(hidden.shape[0]), None, tokens_per_expert)
+    experts(hidden, in_order).backward(upstream)
     parameters = dict(experts.named_parameters())
     return (
         {name: parameter.grad.clone() for name, parameter in parameters.items()},

@@ -95,3 +95,32 @@ def test_a_filled_plain_cache_is_refused_with_a_clear_error():
     plain = EncoderDecoderCache(self_attention, DynamicCache())
     with pytest.raises(ValueError, match="already holds 4 positions but no record of their expert choices"):
         model(**inputs, decoder_input_ids=torch.zeros(3, 1, dtype=torch.long), cache=plain, use_cache=True)
+
+
+def test_generate_skips_routing_statistics_and_decodes_the_same(monkeypatch):
+    import hf_switch.modeling_switch as modeling
+
+    model = tiny_model(**CASES["capacity-factor-per-prefix"])
+    options = dict(max_new_tokens=8, do_sample=False)
+    with_stats = model.generate(**_inputs(), **options, output_routing_stats=True)
+    calls = []
+    monkeypatch.setattr(modeling, "routing_stats", lambda decision: calls.append(decision))
+    assert torch.equal(model.generate(**_inputs(), **options), with_stats)
+    assert calls == []
+
+
+def test_a_forward_without_routing_statistics_has_the_same_logits_and_no_router_fields():
+    model = tiny_model(**CASES["absolute-capacity"])
+    batch = random_batch()
+    with torch.no_grad():
+        full = model(**batch)
+        bare = model(
+            input_ids=batch["input_ids"],
+            decoder_input_ids=model._shift_right(batch["labels"]),
+            output_routing_stats=False,
+        )
+    assert torch.equal(bare.logits, full.logits)
+    assert full.encoder_expert_counts is not None and full.decoder_aux_loss is not None
+    assert bare.encoder_expert_counts is None and bare.decoder_aux_loss is None and bare.decoder_z_loss is None
+    with pytest.raises(ValueError, match="output_routing_stats=False with labels"):
+        model(**batch, output_routing_stats=False)

@@ -200,3 +200,12 @@ def test_the_finite_check_can_be_switched_off():
         model.encoder.block[1].layer[-1].mlp.router.classifier.weight[0, 0] = math.nan
         logits = model(**random_batch(), output_router_logits=True).encoder_router_logits[0]
     assert logits.isnan().any()
+
+
+def test_non_finite_router_logits_are_reported_while_generating():
+    # generate() skips the routing statistics; the check does not depend on them.
+    model = tiny_model()
+    with torch.no_grad():
+        model.decoder.block[1].layer[-1].mlp.router.classifier.weight[0, 0] = math.nan
+    with pytest.raises(FloatingPointError, match="router logits of decoder layer 1"):
+        model.generate(random_batch()["input_ids"], max_new_tokens=3)

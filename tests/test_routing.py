@@ -123,7 +123,8 @@ def test_group_and_combine_restore_token_order_with_weights():
     assert dispatch.token_ids.tolist() == [1, 3, 0]
     assert dispatch.tokens_per_expert.tolist() == [1, 1, 1]
     outputs = torch.tensor([[10.0], [20.0], [30.0]])
-    assert combine(outputs, dispatch, num_tokens=4).flatten().tolist() == [15.0, 10.0, 0.0, 60.0]
+    combined = combine(outputs, dispatch.token_ids, dispatch.weights, num_tokens=4)
+    assert combined.flatten().tolist() == [15.0, 10.0, 0.0, 60.0]
 
 
 def test_top2_weights_are_renormalised_and_both_experts_run():

@@ -31,7 +31,7 @@ except ImportError as error:  # this file also travels with remote code, to mach
     ) from error
 
 from .configuration_switch import SwitchConfig
-from .experts import SwitchExperts
+from .experts import Dispatch, SwitchExperts, combine
 
 # How DeepSpeed's engine names an expert's weights in its per-expert checkpoint files.
 DEEPSPEED_EXPERT_PREFIX = "deepspeed_moe.experts.deepspeed_experts."
@@ -128,31 +128,34 @@ class ExpertParallelExperts(MoE, SwitchExperts):
                 "parallelism: the expert-parallel groups are consecutive ranks. Remove it from the config."
             )
 
-    def forward(self, hidden_states: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
-        """Run the group's experts on tokens grouped by expert.
+    def forward(self, hidden_states: torch.Tensor, dispatch: Dispatch) -> torch.Tensor:
+        """Send each pair's token to the rank holding its expert, run the held experts, combine what comes back.
 
         Args:
-            hidden_states: `[M, d]` this rank's tokens, grouped by (global) expert.
-            tokens_per_expert: `[E]` length of each expert's slice.
+            hidden_states: `[N, d]` this rank's tokens.
+            dispatch: this rank's pairs, grouped by (global) expert (`tokens_per_expert` has `E` entries).
 
         Returns:
-            `[M, d]` expert outputs, in the same order.
+            `[N, d]`; zeros for tokens that no pair names.
         """
         ranks, local = self.ep_size, self.num_local_experts
+        tokens_per_expert = dispatch.tokens_per_expert
         received_counts = torch.empty_like(tokens_per_expert)
         dist.all_to_all_single(received_counts, tokens_per_expert, group=self.group)
         received_counts = received_counts.view(ranks, local)  # [source rank, held expert]
         send_sizes = tokens_per_expert.view(ranks, local).sum(dim=1).tolist()
         recv_sizes = received_counts.sum(dim=1).tolist()
-        received = AllToAll.apply(hidden_states, send_sizes, recv_sizes, self.group)
+        sent = hidden_states.index_select(0, dispatch.token_ids)
+        received = AllToAll.apply(sent, send_sizes, recv_sizes, self.group)
 
-        # Rows arrive by source rank, then expert; the experts want them by expert, then source rank.
+        # Rows arrive by source rank, then expert; the held experts take them by expert, then source rank, and
+        # return them in arrival order.
         held_expert = torch.arange(local, device=received.device).repeat(ranks)
         by_expert = torch.argsort(held_expert.repeat_interleave(received_counts.flatten()), stable=True)
-        outputs = SwitchExperts.forward(self, received[by_expert], received_counts.sum(dim=0))
-        by_source = torch.empty_like(by_expert)
-        by_source[by_expert] = torch.arange(by_expert.numel(), device=by_expert.device)
-        return AllToAll.apply(outputs[by_source], recv_sizes, send_sizes, self.group)
+        arrivals = Dispatch(token_ids=by_expert, weights=None, tokens_per_expert=received_counts.sum(dim=0))
+        outputs = SwitchExperts.forward(self, received, arrivals)
+        returned = AllToAll.apply(outputs, recv_sizes, send_sizes, self.group)
+        return combine(returned, dispatch.token_ids, dispatch.weights, hidden_states.shape[0])
 
 
 def _name_experts_as_deepspeed(module: ExpertParallelExperts, state_dict, prefix: str, local_metadata) -> None:

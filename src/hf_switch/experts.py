@@ -21,12 +21,12 @@ class Dispatch:
 
     Attributes:
         token_ids: `[M]` source token of each pair, ordered by expert (stable in token order).
-        weights: `[M]` combine weight of each pair.
+        weights: `[M]` combine weight of each pair, or None where every pair weighs 1.
         tokens_per_expert: `[E]` number of pairs per expert.
     """
 
     token_ids: torch.Tensor
-    weights: torch.Tensor
+    weights: torch.Tensor | None
     tokens_per_expert: torch.Tensor
 
 
@@ -48,18 +48,21 @@ def group_by_expert(expert_index, expert_weight, kept, num_experts: int) -> Disp
     )
 
 
-def combine(expert_outputs: torch.Tensor, dispatch: Dispatch, num_tokens: int) -> torch.Tensor:
-    """Weight each pair's expert output and sum it back onto its token; dropped tokens get zeros.
+def combine(expert_outputs: torch.Tensor, token_ids: torch.Tensor, weights, num_tokens: int) -> torch.Tensor:
+    """Weight each pair's expert output and sum it back onto its token; tokens no pair names get zeros.
 
     Args:
-        expert_outputs: `[M, d]` in dispatch order.
+        expert_outputs: `[P, d]` one row per pair.
+        token_ids: `[P]` the token of each pair.
+        weights: `[P]` the weight of each pair, or None for 1.
 
     Returns:
         `[N, d]`.
     """
-    weighted = expert_outputs * dispatch.weights[:, None].to(expert_outputs.dtype)
+    if weights is not None:
+        expert_outputs = expert_outputs * weights[:, None].to(expert_outputs.dtype)
     combined = expert_outputs.new_zeros(num_tokens, expert_outputs.shape[-1])
-    return combined.index_add_(0, dispatch.token_ids, weighted)
+    return combined.index_add_(0, token_ids, expert_outputs)
 
 
 class SwitchExperts(nn.Module):
@@ -102,36 +105,44 @@ class SwitchExperts(nn.Module):
         self.layout = "auto"
         self.gradient_memory = {name: GradientMemory() for name, _ in self.named_parameters(recurse=False)}
 
-    def forward(self, hidden_states: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
-        """Run each expert on its contiguous slice of tokens.
+    def forward(self, hidden_states: torch.Tensor, dispatch: Dispatch) -> torch.Tensor:
+        """Run every dispatched (token, expert) pair and sum the weighted outputs back onto the tokens.
+
+        The tokens are gathered once, straight into the chosen layout, and the outputs scattered once, straight from
+        it.
 
         Args:
-            hidden_states: `[M, d]` tokens grouped by expert.
-            tokens_per_expert: `[E_local]` length of each held expert's slice (`E_local` = `num_local_experts`).
+            hidden_states: `[N, d]` tokens.
+            dispatch: the pairs, grouped by held expert (`tokens_per_expert` has `num_local_experts` entries).
 
         Returns:
-            `[M, d]` expert outputs, in the same order.
+            `[N, d]`; zeros for tokens that no pair names.
         """
         weights = {"wi_0": self.wi_0, "wi_1": self.wi_1} if self.is_gated else {"wi": self.wi}
         weights["wo"] = self.wo
         memory = self.gradient_memory
-        group_sizes = tokens_per_expert.tolist()
+        group_sizes = dispatch.tokens_per_expert.tolist()
+        token_ids, pair_weights = dispatch.token_ids, dispatch.weights
         if not self._pads(group_sizes):
-            return self._ffn(
-                hidden_states,
+            outputs = self._ffn(
+                hidden_states.index_select(0, token_ids),
                 lambda x, name: GroupedLinear.apply(x, weights[name], group_sizes, memory[name]),
                 weights["wo"].dtype,
             )
-        capacity, width = max(group_sizes), hidden_states.shape[-1]
-        slots = padded_slots(tokens_per_expert, capacity)
-        experts = self.num_local_experts
-        padded = hidden_states.new_zeros(experts * capacity, width).index_copy(0, slots, hidden_states)
+            return combine(outputs, token_ids, pair_weights, hidden_states.shape[0])
+        experts, capacity, width = self.num_local_experts, max(group_sizes), hidden_states.shape[-1]
+        pairs, padding = padded_layout(dispatch.tokens_per_expert, capacity)
+        token_ids = token_ids[pairs]
+        pair_weights = None if pair_weights is None else pair_weights[pairs]
+        # Padding slots gather some token and are zeroed: with bias-free experts their outputs are exactly zero, so
+        # they add nothing to that token, nor to any gradient.
+        padded = hidden_states.index_select(0, token_ids).index_fill_(0, padding, 0)
         outputs = self._ffn(
             padded.view(experts, capacity, width),
             lambda x, name: PaddedLinear.apply(x, weights[name], memory[name]),
             weights["wo"].dtype,
         )
-        return outputs.view(experts * capacity, width).index_select(0, slots)
+        return combine(outputs.view(experts * capacity, width), token_ids, pair_weights, hidden_states.shape[0])
 
     def _pads(self, group_sizes: list[int]) -> bool:
         if self.layout != "auto":
@@ -159,12 +170,15 @@ class SwitchExperts(nn.Module):
         return super().train(mode)
 
 
-def padded_slots(tokens_per_expert: torch.Tensor, capacity: int) -> torch.Tensor:
-    """`[M]` row of each grouped token in the `[E * capacity]` padded layout: expert `e`'s `j`-th token goes to
-    row `e * capacity + j`."""
+def padded_layout(tokens_per_expert: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expert `e`'s `j`-th pair goes to row `e * capacity + j` of the `[E * capacity]` padded layout.
+
+    Returns:
+        `[E * capacity]` the pair (index in grouped order) in each row, 0 in padding rows; and the padding rows.
+    """
     num_experts = tokens_per_expert.shape[0]
-    experts = torch.arange(num_experts, device=tokens_per_expert.device)
-    starts = tokens_per_expert.cumsum(0) - tokens_per_expert
-    rows = torch.arange(int(tokens_per_expert.sum()), device=tokens_per_expert.device)
-    shift = (experts * capacity - starts).repeat_interleave(tokens_per_expert)
-    return rows + shift
+    within = torch.arange(capacity, device=tokens_per_expert.device).repeat(num_experts)  # j of each row
+    expert_starts = tokens_per_expert.cumsum(0) - tokens_per_expert
+    pairs = expert_starts.repeat_interleave(capacity) + within
+    is_padding = within >= tokens_per_expert.repeat_interleave(capacity)
+    return pairs.masked_fill_(is_padding, 0), is_padding.nonzero().squeeze(1)

@@ -34,8 +34,8 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 from .cache import SwitchCache
 from .checkpoints import check_stored_dtypes, read_safetensors_header, swap_into_place, verify_loaded_keys
 from .configuration_switch import SwitchConfig
-from .experts import SwitchExperts, combine, group_by_expert
-from .routing import RoutingStats, SwitchRouter, routing_stats
+from .experts import SwitchExperts, group_by_expert
+from .routing import RouterDecision, RoutingStats, SwitchRouter, routing_stats
 
 
 class SwitchSparseMLP(nn.Module):
@@ -68,9 +68,7 @@ class SwitchSparseMLP(nn.Module):
             decision.kept.reshape(-1, top_k),
             self.experts.num_experts,
         )
-        tokens = hidden_states.reshape(-1, width)[dispatch.token_ids]
-        expert_outputs = self.experts(tokens, dispatch.tokens_per_expert)
-        output = combine(expert_outputs, dispatch, batch * length)
+        output = self.experts(hidden_states.reshape(-1, width), dispatch)
         return output.reshape(batch, length, width), decision
 
 
@@ -162,8 +160,9 @@ class SwitchStackOutput(ModelOutput):
         last_hidden_state: `[B, T, d]`.
         cache: the decoder's `SwitchCache` when caching.
         hidden_states, attentions, cross_attentions: as in T5, on request.
-        routing: one `RoutingStats` per sparse layer (losses, router logits, expert load). A tuple rather than
-            tensors, so that `generate()` leaves it alone when it repeats encoder outputs for beams.
+        routing: one `RoutingStats` per sparse layer (losses, router logits, expert load), None when not computed
+            (`output_routing_stats=False`). A tuple rather than tensors, so that `generate()` leaves it alone when it
+            repeats encoder outputs for beams.
     """
 
     last_hidden_state: torch.Tensor | None = None
@@ -418,8 +417,11 @@ class SwitchStack(SwitchPreTrainedModel):
         cache=None,
         use_cache=None,
         output_router_logits=False,
+        output_routing_stats=True,
         **kwargs,
     ) -> SwitchStackOutput:
+        """`output_routing_stats=False` skips the router losses and loads (`routing` is then None): `generate()`
+        passes it, since nothing reads them while decoding and they cost about 5 % of a decoding step."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
         prefix = "decoder_" if self.is_decoder else ""
@@ -458,7 +460,7 @@ class SwitchStack(SwitchPreTrainedModel):
 
         hidden_states = self.dropout(inputs_embeds)
         position_bias = encoder_decoder_position_bias = None
-        stats: list[RoutingStats] = []
+        decisions: list[RouterDecision] = []
         for block in self.block:
             hidden_states, position_bias, encoder_decoder_position_bias, decision = block(
                 hidden_states,
@@ -472,12 +474,13 @@ class SwitchStack(SwitchPreTrainedModel):
                 **kwargs,
             )
             if decision is not None:
-                stats.append(routing_stats(decision))
+                decisions.append(decision)
         if self.config.router_check_finite:
-            _check_router_logits_finite(stats, self.sparse_layers, "decoder" if self.is_decoder else "encoder")
+            _check_router_logits_finite(decisions, self.sparse_layers, "decoder" if self.is_decoder else "encoder")
 
         hidden_states = self.dropout(self.final_layer_norm(hidden_states))
-        return SwitchStackOutput(last_hidden_state=hidden_states, cache=cache, routing=tuple(stats))
+        routing = tuple(routing_stats(decision) for decision in decisions) if output_routing_stats else None
+        return SwitchStackOutput(last_hidden_state=hidden_states, cache=cache, routing=routing)
 
 
 def _check_token_ids(token_ids: torch.Tensor, vocab_size: int, name: str, ignore_index: int | None = None) -> None:
@@ -500,18 +503,18 @@ def _check_not_empty(inputs_embeds: torch.Tensor, name: str) -> None:
         )
 
 
-def _check_router_logits_finite(stats: list[RoutingStats], sparse_layers: list[int], stack: str) -> None:
+def _check_router_logits_finite(decisions: list[RouterDecision], sparse_layers: list[int], stack: str) -> None:
     """Raise when a sparse layer's router logits hold NaN or inf, naming the first such layer.
 
     One host-device synchronisation for the whole stack; the layer is located only once something is wrong.
     """
-    if not stats:
+    if not decisions:
         return
-    finite = torch.stack([layer.router_logits.isfinite().all() for layer in stats])
+    finite = torch.stack([decision.logits.isfinite().all() for decision in decisions])
     if finite.all():
         return
     position = int((~finite).nonzero()[0])
-    logits = stats[position].router_logits
+    logits = decisions[position].logits
     raise FloatingPointError(
         f"The router logits of {stack} layer {sparse_layers[position]} hold {int(logits.isnan().sum())} NaN and "
         f"{int(logits.isinf().sum())} inf values out of {logits.numel()}: the hidden states reaching that router are "
@@ -532,7 +535,7 @@ def _routing_mask(attention_mask, inputs_embeds, ignore_padding: bool) -> torch.
 def _summarize_routing(prefix: str, stack_output: SwitchStackOutput, output_router_logits: bool) -> dict:
     """`SwitchSeq2SeqOutput` fields of one stack: summed router losses and stacked per-layer loads."""
     stats = stack_output.routing
-    if stats is None:  # encoder outputs passed in from outside, e.g. by generate()
+    if stats is None:  # not computed (`output_routing_stats=False`), or encoder outputs passed in from outside
         return {}
     if not stats:
         zero = stack_output.last_hidden_state.new_zeros((), dtype=torch.float32)
@@ -716,7 +719,14 @@ class SwitchForConditionalGeneration(SwitchEncoderDecoderModel, GenerationMixin)
         labels: `[B, T_dec]` target ids, -100 where ignored.
         output_router_logits: also return each sparse layer's `[B, T, E]` router logits.
         num_items_in_batch: number of target tokens in the whole (accumulated, all-process) batch.
+        output_routing_stats (keyword, default True): False skips the router losses and expert loads of both stacks
+            (their output fields are then None), as `generate()` does; not with `labels`, whose loss needs them.
         """
+        if labels is not None and kwargs.get("output_routing_stats") is False:
+            raise ValueError(
+                "output_routing_stats=False with labels: the loss adds the router losses, which need the routing "
+                "statistics. Leave output_routing_stats at True when passing labels."
+            )
         if labels is not None:
             _check_token_ids(labels, self.config.vocab_size, "labels", ignore_index=-100)
         if labels is not None and decoder_input_ids is None and decoder_inputs_embeds is None:
@@ -775,12 +785,13 @@ class SwitchForConditionalGeneration(SwitchEncoderDecoderModel, GenerationMixin)
         if type(cache) is EncoderDecoderCache and not getattr(cache, "_is_user_defined", False):
             model_kwargs["cache"] = SwitchCache(config=self.decoder.config)
 
-    def generate(self, *args, synced_gpus=None, **kwargs):
-        """`GenerationMixin.generate`; under expert parallelism the ranks decode in lockstep (`synced_gpus`), since
-        every step's all-to-all needs the whole group, also ranks whose sequences have finished."""
+    def generate(self, *args, synced_gpus=None, output_routing_stats=False, **kwargs):
+        """`GenerationMixin.generate`, without routing statistics unless asked for (nothing reads them while
+        decoding). Under expert parallelism the ranks decode in lockstep (`synced_gpus`), since every step's
+        all-to-all needs the whole group, also ranks whose sequences have finished."""
         if self.config.expert_parallel_size > 1:
             synced_gpus = True
-        return super().generate(*args, synced_gpus=synced_gpus, **kwargs)
+        return super().generate(*args, synced_gpus=synced_gpus, output_routing_stats=output_routing_stats, **kwargs)
 
     def prepare_decoder_input_ids_from_labels(self, labels: torch.Tensor):
         return self._shift_right(labels)
