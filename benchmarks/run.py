@@ -1,6 +1,6 @@
 """Run every benchmark, print ratio tables and write them as JSON.
 
-    python benchmarks/run.py [--quick] [--suites layer model generation memory] [--json benchmarks/results.json]
+    python benchmarks/run.py [--quick] [--suites layer products model generation memory] [--json PATH]
 
 Times are ratios to a baseline measured in the same process, in alternation (see `timing.compare`). Memory cases run
 one per fresh process.
@@ -20,6 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.layer import LayerCase  # noqa: E402
 from benchmarks.layer import measure as measure_layer  # noqa: E402
 from benchmarks.model import ModelCase, measure_generation, measure_training  # noqa: E402
+from benchmarks.products import ProductCase  # noqa: E402
+from benchmarks.products import measure as measure_products  # noqa: E402
 
 MODEL_KINDS = ["hf_switch", "transformers", "t5"]
 
@@ -65,6 +67,25 @@ def run_layer(quick: bool, rounds: int) -> dict:
     columns = ["balanced_experts", "hf_switch", "hf_switch_grouped", "hf_switch_padded", "transformers"]
     print_table("MoE layer, time / dense FFN time", rows, columns)
     return {"cases": {case.name: asdict(case) for case in layer_cases(quick)}, "ratios": rows}
+
+
+def product_cases(quick: bool) -> list[ProductCase]:
+    """The rows per expert of the layer cases at capacity factor 1.25 (E = 8, 32, 128), and of the E=8 model's
+    encoder and decoder sparse layers (64 and 32 rows per expert)."""
+    d_model, d_ff, tokens = (128, 512, 640) if quick else (512, 2048, 2560)
+    return [ProductCase(d_model, d_ff, experts, tokens // experts) for experts in (8, 32, 128)] + [
+        ProductCase(d_model, d_ff, 8, rows) for rows in (64, 32)
+    ]
+
+
+def run_products(quick: bool, rounds: int) -> dict:
+    rows = {case.name: measure_products(case, rounds) for case in product_cases(quick)}
+    print_table(
+        "Expert products alone, time / one dense product of the same arithmetic",
+        rows,
+        ["batched", "one_row_per_expert"],
+    )
+    return {"cases": {case.name: asdict(case) for case in product_cases(quick)}, "ratios": rows}
 
 
 def run_model(quick: bool, rounds: int) -> dict:
@@ -114,7 +135,7 @@ def run_memory(quick: bool) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
-    parser.add_argument("--suites", nargs="+", default=["layer", "model", "generation", "memory"])
+    parser.add_argument("--suites", nargs="+", default=["layer", "products", "model", "generation", "memory"])
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds per comparison (default 7, quick 3)")
     parser.add_argument("--json", default="benchmarks/results.json", help="where to write the results")
     args = parser.parse_args()
@@ -125,9 +146,8 @@ def main() -> None:
         if suite == "memory":
             results[suite] = run_memory(args.quick)
         else:
-            results[suite] = {"layer": run_layer, "model": run_model, "generation": run_generation}[suite](
-                args.quick, rounds
-            )
+            suites = {"layer": run_layer, "products": run_products, "model": run_model, "generation": run_generation}
+            results[suite] = suites[suite](args.quick, rounds)
     Path(args.json).write_text(json.dumps(results, indent=2))
     print(f"\nwrote {args.json}")
 
