@@ -96,6 +96,24 @@ def test_experts_without_any_token(layout):
     assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in experts.parameters())
 
 
+def test_padding_rows_take_nothing_from_the_token_they_gather():
+    # Padding rows of the padded layout gather the first pair's token (and weight) and are then zeroed. Expert 3
+    # overflows on any non-zero row: only its real token, a zero one, may reach it, or the first pair's token gets inf.
+    experts = make_experts("relu", num_experts=4)
+    experts.layout = "padded"
+    with torch.no_grad():
+        experts.wi[3] *= 1e38
+    hidden = torch.randn(6, experts.wo.shape[1])
+    hidden[5] = 0.0
+    hidden.requires_grad_(True)
+    dispatch = Dispatch(torch.tensor([1, 2, 3, 4, 5]), torch.ones(5), torch.tensor([3, 1, 0, 1]))
+    output = experts(hidden, dispatch)
+    assert output.isfinite().all()
+    assert torch.equal(output[0], torch.zeros_like(output[0])) and torch.equal(output[5], torch.zeros_like(output[5]))
+    output.sum().backward()
+    assert hidden.grad.isfinite().all()
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("feed_forward_proj", ACTIVATIONS)
 @pytest.mark.parametrize("top_k", [1, 2])

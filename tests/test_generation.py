@@ -5,6 +5,7 @@ import torch
 from conftest import random_batch, tiny_model
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
+import hf_switch.modeling_switch as modeling
 from hf_switch import SwitchCache
 
 CASES = {
@@ -98,8 +99,6 @@ def test_a_filled_plain_cache_is_refused_with_a_clear_error():
 
 
 def test_generate_skips_routing_statistics_and_decodes_the_same(monkeypatch):
-    import hf_switch.modeling_switch as modeling
-
     model = tiny_model(**CASES["capacity-factor-per-prefix"])
     options = dict(max_new_tokens=8, do_sample=False)
     with_stats = model.generate(**_inputs(), **options, output_routing_stats=True)

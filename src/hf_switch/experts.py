@@ -48,7 +48,9 @@ def group_by_expert(expert_index, expert_weight, kept, num_experts: int) -> Disp
     )
 
 
-def combine(expert_outputs: torch.Tensor, token_ids: torch.Tensor, weights, num_tokens: int) -> torch.Tensor:
+def combine(
+    expert_outputs: torch.Tensor, token_ids: torch.Tensor, weights: torch.Tensor | None, num_tokens: int
+) -> torch.Tensor:
     """Weight each pair's expert output and sum it back onto its token; tokens no pair names get zeros.
 
     Args:
@@ -123,26 +125,26 @@ class SwitchExperts(nn.Module):
         memory = self.gradient_memory
         group_sizes = dispatch.tokens_per_expert.tolist()
         token_ids, pair_weights = dispatch.token_ids, dispatch.weights
-        if not self._pads(group_sizes):
+        if self._pads(group_sizes):
+            experts, capacity, width = self.num_local_experts, max(group_sizes), hidden_states.shape[-1]
+            pairs, padding = padded_layout(dispatch.tokens_per_expert, capacity)
+            token_ids = token_ids[pairs]
+            pair_weights = None if pair_weights is None else pair_weights[pairs]
+            # Padding rows gather the first pair's token and are zeroed: with bias-free experts their outputs are
+            # exactly zero, so they add nothing to that token, nor to any gradient.
+            padded = hidden_states.index_select(0, token_ids).index_fill_(0, padding, 0)
+            outputs = self._ffn(
+                padded.view(experts, capacity, width),
+                lambda x, name: PaddedLinear.apply(x, weights[name], memory[name]),
+                weights["wo"].dtype,
+            ).view(experts * capacity, width)
+        else:
             outputs = self._ffn(
                 hidden_states.index_select(0, token_ids),
                 lambda x, name: GroupedLinear.apply(x, weights[name], group_sizes, memory[name]),
                 weights["wo"].dtype,
             )
-            return combine(outputs, token_ids, pair_weights, hidden_states.shape[0])
-        experts, capacity, width = self.num_local_experts, max(group_sizes), hidden_states.shape[-1]
-        pairs, padding = padded_layout(dispatch.tokens_per_expert, capacity)
-        token_ids = token_ids[pairs]
-        pair_weights = None if pair_weights is None else pair_weights[pairs]
-        # Padding slots gather some token and are zeroed: with bias-free experts their outputs are exactly zero, so
-        # they add nothing to that token, nor to any gradient.
-        padded = hidden_states.index_select(0, token_ids).index_fill_(0, padding, 0)
-        outputs = self._ffn(
-            padded.view(experts, capacity, width),
-            lambda x, name: PaddedLinear.apply(x, weights[name], memory[name]),
-            weights["wo"].dtype,
-        )
-        return combine(outputs.view(experts * capacity, width), token_ids, pair_weights, hidden_states.shape[0])
+        return combine(outputs, token_ids, pair_weights, hidden_states.shape[0])
 
     def _pads(self, group_sizes: list[int]) -> bool:
         if self.layout != "auto":
