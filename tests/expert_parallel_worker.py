@@ -259,3 +259,4 @@ if __name__ == "__main__":
     if dist.get_rank() == 0:
         (directory / f"{scenario}.json").write_text(json.dumps(result))
     dist.barrier()
+    dist.destroy_process_group()  # before interpreter exit tears gloo's threads down (see training.end_training)

@@ -4,9 +4,11 @@ across expert-parallel sizes, `accelerate launch` with the DeepSpeed plugin on o
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -105,6 +107,22 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+def _wait_for_all(processes: list[subprocess.Popen], timeout: float) -> list[int | None]:
+    """Return codes once every process ended; the first failure or the timeout stops the rest (`None`): a node
+    whose peer failed waits for it, in a collective or in torchrun's exit barrier (5 minutes)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(process.poll() is None for process in processes):
+        if any(process.poll() not in (None, 0) for process in processes):
+            break
+        time.sleep(0.5)
+    return_codes = [process.poll() for process in processes]
+    for process, return_code in zip(processes, return_codes, strict=True):
+        if return_code is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    return return_codes
+
+
 @pytest.mark.slow
 def test_accelerate_deepspeed_plugin_trains_and_two_nodes_resume_it_exactly(tmp_path):
     """`accelerate launch` with the CPU DeepSpeed config runs scripts/train.py with EP=2; a run resumed from its
@@ -122,11 +140,25 @@ def test_accelerate_deepspeed_plugin_trains_and_two_nodes_resume_it_exactly(tmp_
     two_nodes = [*launch, "--num_machines", "2", "--num_processes", "2", "--main_process_ip", "127.0.0.1"]
     two_nodes += ["--main_process_port", str(_free_port()), "--deepspeed_multinode_launcher", "standard"]
     resume = [*train, "--output_dir", str(resumed), "--resume_from_checkpoint", str(resumed / "checkpoint-3")]
-    nodes = [
-        subprocess.Popen([*two_nodes, "--machine_rank", str(rank), *resume], env=ENVIRONMENT, cwd=ROOT)
-        for rank in (1, 0)
-    ]
-    assert [node.wait(timeout=300) for node in nodes] == [0, 0]
+    logs = [tmp_path / f"node{rank}.log" for rank in (0, 1)]
+    with logs[0].open("w") as log_0, logs[1].open("w") as log_1:
+        nodes = [
+            subprocess.Popen(
+                [*two_nodes, "--machine_rank", str(rank), *resume],
+                env=ENVIRONMENT,
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # a process group per node, so that a stopped node takes its workers along
+            )
+            for rank, log in enumerate((log_0, log_1))
+        ]
+        return_codes = _wait_for_all(nodes, timeout=300)
+    outputs = (
+        f"--- node {rank}, return code {code}:\n{log.read_text()[-5000:]}"
+        for rank, (code, log) in enumerate(zip(return_codes, logs, strict=True))
+    )
+    assert return_codes == [0, 0], "\n".join(outputs)
 
     final_whole, final_resumed = load_file(whole / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert set(final_whole) == set(final_resumed)

@@ -350,7 +350,7 @@ def _student_from(teacher, arguments: DistillationArguments, datasets, collator)
 
 def distill_main(argv: list[str] | None = None) -> dict:
     """`hf-switch distill`: train a dense T5 student of the `--model_name_or_path` teacher; returns eval metrics."""
-    from .training.train import parse_arguments, run
+    from .training.train import end_training, parse_arguments, run
 
     model_args, data_args, training_args, arguments = parse_arguments(
         sys.argv[1:] if argv is None else argv, extra=(DistillationArguments,), defaults={"objective": "seq2seq"}
@@ -374,7 +374,9 @@ def distill_main(argv: list[str] | None = None) -> dict:
             teacher=teachers[0], alpha=arguments.distill_alpha, temperature=arguments.distill_temperature, **kwargs
         )
 
-    return run(model_args, data_args, training_args, prepare_model=to_student, trainer_class=trainer_class)[1]
+    trainer, metrics = run(model_args, data_args, training_args, prepare_model=to_student, trainer_class=trainer_class)
+    end_training(trainer)
+    return metrics
 
 
 __all__ = [

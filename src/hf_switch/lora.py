@@ -166,7 +166,7 @@ FINETUNE_DEFAULTS = dict(objective="seq2seq", config_overrides="expert_dropout=0
 
 def finetune_main(argv: list[str] | None = None) -> dict:
     """`hf-switch finetune`: `hf-switch train` with LoRA adapters; saves the adapter folder (and `--merge`d model)."""
-    from .training.train import parse_arguments, run
+    from .training.train import end_training, parse_arguments, run
 
     model_args, data_args, training_args, lora_args = parse_arguments(
         sys.argv[1:] if argv is None else argv, extra=(LoraArguments,), defaults=FINETUNE_DEFAULTS
@@ -185,4 +185,5 @@ def finetune_main(argv: list[str] | None = None) -> dict:
         merged_dir = Path(training_args.output_dir) / "merged"
         trainer.model.merge_and_unload().save_pretrained(merged_dir)
         trainer.processing_class.save_pretrained(merged_dir)
+    end_training(trainer)
     return metrics

@@ -207,7 +207,20 @@ def run(
     return trainer, metrics
 
 
+def end_training(trainer: Seq2SeqTrainer) -> None:
+    """Release the process group once every process is done with it: the end of a command run by a launcher.
+
+    A process that exits holding a gloo process group tears its communication threads down during interpreter
+    finalization, which can abort it after a run that succeeded; under `torchrun` on several nodes the other nodes
+    then wait out their exit barrier (5 minutes) for the node that failed. A no-op in a single process.
+    """
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
+
+
 def main(argv: list[str] | None = None) -> dict:
     """`hf-switch train`: returns the final evaluation metrics."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    return run(*parse_arguments(sys.argv[1:] if argv is None else argv))[1]
+    trainer, metrics = run(*parse_arguments(sys.argv[1:] if argv is None else argv))
+    end_training(trainer)
+    return metrics
