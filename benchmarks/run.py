@@ -1,6 +1,6 @@
 """Run every benchmark, print ratio tables and write them as JSON.
 
-    python benchmarks/run.py [--quick] [--suites layer products model generation memory] [--json PATH]
+    python benchmarks/run.py [--quick] [--suites layer routing products model generation memory] [--json PATH]
 
 Times are ratios to a baseline measured in the same process, in alternation (see `timing.compare`). Memory cases run
 one per fresh process.
@@ -22,6 +22,7 @@ from benchmarks.layer import measure as measure_layer  # noqa: E402
 from benchmarks.model import ModelCase, measure_generation, measure_training  # noqa: E402
 from benchmarks.products import ProductCase  # noqa: E402
 from benchmarks.products import measure as measure_products  # noqa: E402
+from benchmarks.routing import measure as measure_routing  # noqa: E402
 
 MODEL_KINDS = ["hf_switch", "transformers", "t5"]
 
@@ -67,6 +68,20 @@ def run_layer(quick: bool, rounds: int) -> dict:
     columns = ["balanced_experts", "hf_switch", "hf_switch_grouped", "hf_switch_padded", "transformers"]
     print_table("MoE layer, time / dense FFN time", rows, columns)
     return {"cases": {case.name: asdict(case) for case in layer_cases(quick)}, "ratios": rows}
+
+
+def run_routing(quick: bool, rounds: int) -> dict:
+    """Routing groups side by side at E = 8 and 32 with capacity factor 1.25: time / per-sequence routing's time."""
+    rows = {}
+    for backward in (False, True):
+        for case in layer_cases(quick):
+            if case.capacity_factor is None or case.num_experts > 32:
+                continue
+            key = f"{case.name} {'fwd+bwd' if backward else 'fwd'}"
+            rows[key] = measure_routing(case, backward, rounds)
+            print(f"  {key}: " + ", ".join(f"{k} {v['ratio']:.3f}" for k, v in rows[key].items()), flush=True)
+    print_table("MoE layer by routing group, time / per-sequence routing", rows, list(next(iter(rows.values()))))
+    return {"ratios": rows}
 
 
 def product_cases(quick: bool) -> list[ProductCase]:
@@ -135,7 +150,9 @@ def run_memory(quick: bool) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
-    parser.add_argument("--suites", nargs="+", default=["layer", "products", "model", "generation", "memory"])
+    parser.add_argument(
+        "--suites", nargs="+", default=["layer", "routing", "products", "model", "generation", "memory"]
+    )
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds per comparison (default 7, quick 3)")
     parser.add_argument("--json", default="benchmarks/results.json", help="where to write the results")
     args = parser.parse_args()
@@ -146,7 +163,13 @@ def main() -> None:
         if suite == "memory":
             results[suite] = run_memory(args.quick)
         else:
-            suites = {"layer": run_layer, "products": run_products, "model": run_model, "generation": run_generation}
+            suites = {
+                "layer": run_layer,
+                "routing": run_routing,
+                "products": run_products,
+                "model": run_model,
+                "generation": run_generation,
+            }
             results[suite] = suites[suite](args.quick, rounds)
     Path(args.json).write_text(json.dumps(results, indent=2))
     print(f"\nwrote {args.json}")

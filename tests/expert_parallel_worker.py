@@ -25,8 +25,15 @@ TOLERANCE = 1e-5
 
 
 def config(**overrides):
-    # Every layer sparse and a binding capacity: routing, dropping and the all-to-all are all exercised.
-    fields = dict(num_experts=4, num_sparse_encoder_layers=2, num_sparse_decoder_layers=2, expert_capacity=3)
+    # Every layer sparse and a binding capacity: routing, dropping and the all-to-all are all exercised. Each rank
+    # routes its own batch, so per-sequence routing groups make ranks and one process see the same groups.
+    fields = dict(
+        num_experts=4,
+        num_sparse_encoder_layers=2,
+        num_sparse_decoder_layers=2,
+        expert_capacity=3,
+        routing_group="sequence",
+    )
     return tiny_config(**{**fields, **overrides})
 
 

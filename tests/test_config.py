@@ -14,7 +14,8 @@ def test_defaults_follow_the_paper():
     assert config.router_aux_loss_coef == 1e-2
     assert config.router_z_loss_coef == 1e-3
     assert config.router_dtype == "float32"
-    assert (config.capacity_factor, config.eval_capacity_factor, config.router_top_k) == (1.25, 2.0, 1)
+    assert (config.capacity_factor, config.eval_capacity_factor, config.router_top_k) == (1.25, None, 1)
+    assert (config.routing_group, config.load_balancing_scope) == ("batch", "group")
     assert config.model_type == "hf_switch" != SwitchTransformersConfig.model_type
     assert config.num_decoder_layers == config.num_layers
     assert config.sparse_encoder_layers == [1, 3, 5, 7, 9, 11]
@@ -39,6 +40,9 @@ BAD_FIELDS = [
     ("router_top_k", 5, "between 1 and num_experts=4"),
     ("router_top_k", 0, "router_top_k"),
     ("expert_capacity", 0, "expert_capacity"),
+    ("routing_group", "token", "one of ('sequence', 'batch') or a positive number of tokens"),
+    ("routing_group", 0, "routing_group"),
+    ("load_balancing_scope", "batch", "one of ('group', 'global_batch')"),
     ("capacity_factor", 0.0, "capacity_factor"),
     ("eval_capacity_factor", -1.0, "eval_capacity_factor"),
     ("min_expert_capacity", 0, "min_expert_capacity"),

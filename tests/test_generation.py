@@ -26,9 +26,10 @@ def _inputs():
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
 
+@pytest.mark.parametrize("routing_group", ["sequence", "batch"])
 @pytest.mark.parametrize("case", CASES)
-def test_greedy_with_cache_equals_without_cache_when_capacity_binds(case):
-    model = tiny_model(**CASES[case])
+def test_greedy_with_cache_equals_without_cache_when_capacity_binds(case, routing_group):
+    model = tiny_model(**CASES[case], routing_group=routing_group)
     inputs = _inputs()
     cached = model.generate(**inputs, max_new_tokens=14, do_sample=False)
     uncached = model.generate(**inputs, max_new_tokens=14, do_sample=False, use_cache=False)
@@ -38,10 +39,58 @@ def test_greedy_with_cache_equals_without_cache_when_capacity_binds(case):
     assert replay.decoder_dropped_fraction.max() > 0, "capacity should bind in the decoder for this case"
 
 
-def test_beam_search_with_cache_equals_without_cache():
-    model = tiny_model(**CASES["absolute-capacity"])
+@pytest.mark.parametrize(
+    "routing",
+    [
+        dict(routing_group="sequence", expert_capacity=2),
+        dict(routing_group="batch", eval_capacity_factor=None),
+        dict(routing_group=4, eval_capacity_factor=None),
+    ],
+)
+def test_beam_search_with_cache_equals_without_cache(routing):
+    model = tiny_model(num_experts=2, **routing)
     options = dict(max_new_tokens=10, num_beams=3, do_sample=False, num_return_sequences=2)
     assert torch.equal(model.generate(**_inputs(), **options), model.generate(**_inputs(), **options, use_cache=False))
+
+
+@pytest.mark.parametrize("capacity", [dict(expert_capacity=2), dict(eval_capacity_factor=1.0)])
+def test_beam_search_is_refused_where_groups_span_sequences_and_capacity_binds(capacity):
+    model = tiny_model(num_experts=2, routing_group="batch", **capacity)
+    with pytest.raises(ValueError, match="Beam search with SwitchConfig.routing_group='batch'"):
+        model.generate(**_inputs(), max_new_tokens=4, num_beams=2)
+
+
+def test_fixed_size_groups_refuse_decoder_capacity_outside_training():
+    model = tiny_model(num_experts=2, routing_group=8, eval_capacity_factor=1.0)
+    with pytest.raises(ValueError, match="routing_group=8 with eval_capacity_factor=1.0"):
+        model(**random_batch())
+    absolute = tiny_model(num_experts=2, routing_group=8, expert_capacity=2)
+    with pytest.raises(ValueError, match="cached decoding cannot tell which fixed-size group"):
+        absolute.generate(**_inputs(), max_new_tokens=4)
+
+
+def test_cached_decoding_in_training_mode_with_a_capacity_factor_is_refused():
+    model = tiny_model(num_experts=2, capacity_factor=1.0).train()
+    with pytest.raises(ValueError, match=r"Call model.eval\(\) before decoding with a cache"):
+        model.generate(**_inputs(), max_new_tokens=4)
+
+
+@pytest.mark.parametrize("routing_group", ["sequence", "batch", 5])
+def test_evaluation_by_default_gives_each_sequence_the_output_it_has_alone(routing_group):
+    model = tiny_model(num_experts=2, routing_group=routing_group, capacity_factor=0.5)  # binds in training only
+    batch = random_batch(batch=4, pad_last=3)
+    with torch.no_grad():
+        together = model(**batch)
+        generated = model.generate(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=8, do_sample=False
+        )
+        for row in range(4):
+            length = int(batch["attention_mask"][row].sum())
+            alone = {name: tensor[row : row + 1, :length] for name, tensor in batch.items() if name != "labels"}
+            logits = model(**alone, labels=batch["labels"][row : row + 1]).logits
+            assert (logits - together.logits[row : row + 1]).abs().max().item() < 1e-5
+            single = model.generate(**alone, max_new_tokens=8, do_sample=False)
+            assert torch.equal(single[0], generated[row, : single.shape[1]])
 
 
 def test_sampling_with_cache_equals_without_cache_for_a_seed():
@@ -103,7 +152,7 @@ def test_generate_skips_routing_statistics_and_decodes_the_same(monkeypatch):
     options = dict(max_new_tokens=8, do_sample=False)
     with_stats = model.generate(**_inputs(), **options, output_routing_stats=True)
     calls = []
-    monkeypatch.setattr(modeling, "routing_stats", lambda decision: calls.append(decision))
+    monkeypatch.setattr(modeling, "routing_stats", lambda *arguments: calls.append(arguments))
     assert torch.equal(model.generate(**_inputs(), **options), with_stats)
     assert calls == []
 

@@ -52,8 +52,10 @@ def test_logits_equal_transformers_after_loading_its_checkpoint(tmp_path, case):
 
 @pytest.mark.parametrize("case", CASES)
 def test_logits_equal_transformers_after_writing_its_checkpoint(tmp_path, case):
+    # transformers routes each sequence as a group; the converter refuses any other routing_group.
     overrides, pad_last = CASES[case]
     ours = tiny_model(
+        routing_group="sequence",
         expert_capacity=overrides.get("expert_capacity", 64),
         **{k: v for k, v in overrides.items() if k not in ("expert_capacity", "dense_act_fn")},
         feed_forward_proj=overrides.get("dense_act_fn", "relu"),
@@ -92,3 +94,19 @@ def test_greedy_generation_without_cache_equals_transformers(tmp_path):
     input_ids = random_batch()["input_ids"]
     options = dict(max_new_tokens=10, do_sample=False, use_cache=False)
     assert torch.equal(ours.generate(input_ids, **options), reference.generate(input_ids, **options))
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "allowed"),
+    [
+        ("routing_group", "batch", "'sequence' (transformers routes each sequence alone)"),
+        ("expert_capacity", None, "an absolute capacity"),
+        ("router_top_k", 2, "1 (transformers routes top-1 only)"),
+    ],
+)
+def test_writing_a_checkpoint_transformers_cannot_express_is_refused(tmp_path, field, value, allowed):
+    ours = tiny_model(**{"routing_group": "sequence", "expert_capacity": 2, field: value})
+    with pytest.raises(ValueError, match=f"SwitchConfig.{field}={value!r} has no transformers equivalent") as raised:
+        save_as_switch_transformers(ours, tmp_path / "transformers")
+    assert allowed in str(raised.value)
+    assert not (tmp_path / "transformers").exists()

@@ -7,6 +7,8 @@ from transformers import PreTrainedConfig
 
 FEED_FORWARD_PROJECTIONS = ("relu", "gelu", "gated-relu", "gated-gelu", "gated-silu")
 ROUTER_DTYPES = ("float32", "float16", "bfloat16")
+ROUTING_GROUPS = ("sequence", "batch")
+LOAD_BALANCING_SCOPES = ("group", "global_batch")
 
 
 def require(condition: bool, name: str, value, allowed: str, owner: str = "") -> None:
@@ -34,55 +36,66 @@ def sparse_layer_indices(num_layers: int, num_sparse_layers: int) -> list[int]:
 @strict
 class SwitchConfig(PreTrainedConfig):
     r"""
-    Configuration of a [`SwitchForConditionalGeneration`]: a T5-style encoder-decoder in which every
-    `num_layers // num_sparse_encoder_layers`-th feed-forward layer is a mixture of experts with top-k routing.
+        Configuration of a [`SwitchForConditionalGeneration`]: a T5-style encoder-decoder in which every
+        `num_layers // num_sparse_encoder_layers`-th feed-forward layer is a mixture of experts with top-k routing.
 
-    Field names follow transformers' `SwitchTransformersConfig` where they overlap, so that its `config.json` files
-    load (see [`SwitchConfig.from_switch_transformers`]). Defaults follow the paper where it differs from
-    transformers: aux loss coefficient 1e-2, z-loss coefficient 1e-3, router in float32, capacity factor 1.25 in
-    training and 2.0 in evaluation.
+        Field names follow transformers' `SwitchTransformersConfig` where they overlap, so that its `config.json` files
+        load (see [`SwitchConfig.from_switch_transformers`]). Defaults follow the paper where it differs from
+        transformers: aux loss coefficient 1e-2, z-loss coefficient 1e-3, router in float32, capacity factor 1.25 in
+        training, routing groups of the whole batch (as the paper's groups of many sequences), and evaluation that drops no
+    token (so a sequence's output does not depend on the batch it is in).
 
-    Args:
-        vocab_size: Size of the token vocabulary.
-        d_model: Width of the residual stream.
-        d_kv: Width of one attention head.
-        d_ff: Hidden width of each feed-forward layer and of each expert.
-        num_layers: Number of encoder layers.
-        num_decoder_layers: Number of decoder layers (defaults to `num_layers`).
-        num_heads: Number of attention heads.
-        num_experts: Number of experts in each sparse layer.
-        num_sparse_encoder_layers: Number of sparse layers in the encoder (0 for a dense encoder).
-        num_sparse_decoder_layers: Number of sparse layers in the decoder (0 for a dense decoder).
-        expert_capacity: Absolute number of token slots per expert and sequence. When set it takes precedence over
-            the capacity factors, in training and evaluation alike (this is transformers' semantics).
-        capacity_factor: Slots per expert in training, as a multiple of the balanced share
-            `router_top_k * tokens / num_experts`. `None` with `expert_capacity=None` routes without dropping.
-        eval_capacity_factor: The same in evaluation (`model.eval()`); `None` routes without dropping.
-        min_expert_capacity: Lower bound on the capacity a factor gives.
-        router_top_k: Number of experts each token is sent to (1 in the paper).
-        router_bias: Whether the router's projection has a bias.
-        router_jitter_noise: Width of the multiplicative uniform noise on the router input in training.
-        router_dtype: Precision of the router computation ("selective precision" in the paper).
-        router_ignore_padding_tokens: Whether padding tokens are kept out of routing, capacity and router losses.
-        router_z_loss_coef: Weight of the router z-loss in the training loss.
-        router_check_finite: Whether every forward checks that the router logits are finite and raises a
-            `FloatingPointError` naming the layer when they hold NaN or inf. The check costs one host-device
-            synchronisation per stack; turn it off for speed once training is known to be stable.
-        router_aux_loss_coef: Weight of the load-balancing loss in the training loss.
-        expert_dropout: Dropout inside the experts (the paper finetunes with 0.4); `None` uses `dropout_rate`.
-        expert_parallel_size: Number of ranks the experts of each layer are sharded over.
-        relative_attention_num_buckets: Number of relative position buckets.
-        relative_attention_max_distance: Largest distinguished relative distance.
-        dropout_rate: Dropout everywhere outside the experts.
-        layer_norm_epsilon: Epsilon of the RMS layer norms.
-        feed_forward_proj: Feed-forward activation: "relu", "gelu", or a gated "gated-relu", "gated-gelu",
-            "gated-silu" (as in T5).
-        initializer_factor: Scale of all initial weights.
+        Args:
+            vocab_size: Size of the token vocabulary.
+            d_model: Width of the residual stream.
+            d_kv: Width of one attention head.
+            d_ff: Hidden width of each feed-forward layer and of each expert.
+            num_layers: Number of encoder layers.
+            num_decoder_layers: Number of decoder layers (defaults to `num_layers`).
+            num_heads: Number of attention heads.
+            num_experts: Number of experts in each sparse layer.
+            num_sparse_encoder_layers: Number of sparse layers in the encoder (0 for a dense encoder).
+            num_sparse_decoder_layers: Number of sparse layers in the decoder (0 for a dense decoder).
+            routing_group: What one routing group is, the tokens that expert capacity and the load-balancing loss are
+                counted over: "batch" (all tokens of a forward on this rank), "sequence" (each sequence alone: transformers'
+                semantics, short sequences get few slots per expert), or a positive integer (groups of that many tokens,
+                mesh-tf's `group_size`). Queues within a group are position-major: position 0 of every sequence, then
+                position 1, and so on.
+            expert_capacity: Absolute number of token slots per expert and routing group. When set it takes precedence
+                over the capacity factors, in training and evaluation alike (this is transformers' semantics).
+            capacity_factor: Slots per expert in training, as a multiple of the group's balanced share
+                `router_top_k * tokens / num_experts`. `None` with `expert_capacity=None` routes without dropping.
+            eval_capacity_factor: The same in evaluation (`model.eval()`, `generate()`); `None` (the default) routes
+                without dropping, so outputs do not depend on the batch.
+            min_expert_capacity: Lower bound on the capacity a factor gives.
+            router_top_k: Number of experts each token is sent to (1 in the paper).
+            router_bias: Whether the router's projection has a bias.
+            router_jitter_noise: Width of the multiplicative uniform noise on the router input in training.
+            router_dtype: Precision of the router computation ("selective precision" in the paper).
+            router_ignore_padding_tokens: Whether padding tokens are kept out of routing, capacity and router losses.
+            router_z_loss_coef: Weight of the router z-loss in the training loss.
+            router_check_finite: Whether every forward checks that the router logits are finite and raises a
+                `FloatingPointError` naming the layer when they hold NaN or inf. The check costs one host-device
+                synchronisation per stack; turn it off for speed once training is known to be stable.
+            router_aux_loss_coef: Weight of the load-balancing loss in the training loss.
+            load_balancing_scope: Which tokens the load-balancing loss's expert fractions `f_e` count: "group" (each
+                routing group's own), or "global_batch" (in training, every micro-batch of the optimizer step so far on
+                every data-parallel process; Qiu et al. 2025). See `routing.end_balancing_step`.
+            expert_dropout: Dropout inside the experts (the paper finetunes with 0.4); `None` uses `dropout_rate`.
+            expert_parallel_size: Number of ranks the experts of each layer are sharded over.
+            relative_attention_num_buckets: Number of relative position buckets.
+            relative_attention_max_distance: Largest distinguished relative distance.
+            dropout_rate: Dropout everywhere outside the experts.
+            layer_norm_epsilon: Epsilon of the RMS layer norms.
+            feed_forward_proj: Feed-forward activation: "relu", "gelu", or a gated "gated-relu", "gated-gelu",
+                "gated-silu" (as in T5).
+            initializer_factor: Scale of all initial weights.
 
-    In the decoder, a capacity factor applies to each prefix of the sequence: a token at position `t` is kept if
-    its expert received no more than `ceil(top_k * factor * (t + 1) / num_experts)` tokens (and at least
-    `min_expert_capacity`) up to and including `t`. This is causal, so greedy decoding with a cache routes exactly
-    as a forward pass over the whole sequence does.
+        In a decoder outside training, an `eval_capacity_factor` applies to each prefix: a token at position `t` is kept
+        if its expert received no more than `ceil(top_k * factor * n_t / num_experts)` tokens (and at least
+        `min_expert_capacity`) of the group's `n_t` tokens at positions up to and including `t`. This is causal, so
+        decoding with a cache routes exactly as a forward pass over the whole sequence does. Beam search reorders the
+        sequences of a batch, so with groups that span sequences and capacity in evaluation it is refused.
     """
 
     model_type = "hf_switch"
@@ -104,9 +117,10 @@ class SwitchConfig(PreTrainedConfig):
     num_experts: int = 8
     num_sparse_encoder_layers: int = 6
     num_sparse_decoder_layers: int = 6
+    routing_group: str | int = "batch"
     expert_capacity: int | None = None
     capacity_factor: float | int | None = 1.25
-    eval_capacity_factor: float | int | None = 2.0
+    eval_capacity_factor: float | int | None = None
     min_expert_capacity: int = 4
     router_top_k: int = 1
     router_bias: bool = False
@@ -117,6 +131,7 @@ class SwitchConfig(PreTrainedConfig):
     router_check_finite: bool = True
     router_z_loss_coef: float | int = 1e-3
     router_aux_loss_coef: float | int = 1e-2
+    load_balancing_scope: str = "group"
     expert_dropout: float | int | None = None
     expert_parallel_size: int = 1
     relative_attention_num_buckets: int = 32
@@ -163,6 +178,18 @@ class SwitchConfig(PreTrainedConfig):
                 f"a count that the sparse step (layers // count) places exactly; with {layers} layers it places "
                 f"{placed}, so use a divisor of {layers}",
             )
+        _require(
+            self.routing_group in ROUTING_GROUPS or (type(self.routing_group) is int and self.routing_group >= 1),
+            "routing_group",
+            self.routing_group,
+            f"one of {ROUTING_GROUPS} or a positive number of tokens",
+        )
+        _require(
+            self.load_balancing_scope in LOAD_BALANCING_SCOPES,
+            "load_balancing_scope",
+            self.load_balancing_scope,
+            f"one of {LOAD_BALANCING_SCOPES}",
+        )
         if self.expert_capacity is not None:
             _require(self.expert_capacity >= 1, "expert_capacity", self.expert_capacity, "a positive integer or None")
         for field in ("capacity_factor", "eval_capacity_factor"):
@@ -240,8 +267,8 @@ class SwitchConfig(PreTrainedConfig):
     def dict_from_switch_transformers(cls, config_dict: dict) -> dict:
         """Fields of this config equivalent to a transformers `SwitchTransformersConfig` (as a dict).
 
-        transformers' router always uses the absolute `expert_capacity`, never ignores padding, and its experts are
-        never gated; the translated config says so explicitly.
+        transformers' router routes each sequence as a group, always uses the absolute `expert_capacity`, never ignores
+        padding, and its experts are never gated; the translated config says so explicitly.
         """
         from transformers import SwitchTransformersConfig
 
@@ -257,6 +284,7 @@ class SwitchConfig(PreTrainedConfig):
             translated[field] = sum(1 for i in range(layers) if step == 1 or i % step == 1)
         translated.update(
             feed_forward_proj=reference.dense_act_fn,
+            routing_group="sequence",
             capacity_factor=None,
             eval_capacity_factor=None,
             router_ignore_padding_tokens=False,

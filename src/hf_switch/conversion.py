@@ -41,6 +41,7 @@ def transformers_config_from_switch(config: SwitchConfig) -> SwitchTransformersC
     unsupported = {
         "feed_forward_proj": (config.is_gated_act, "a non-gated activation (transformers' experts are not gated)"),
         "router_top_k": (config.router_top_k != 1, "1 (transformers routes top-1 only)"),
+        "routing_group": (config.routing_group != "sequence", "'sequence' (transformers routes each sequence alone)"),
         "expert_capacity": (
             config.expert_capacity is None,
             "an absolute capacity (transformers has no capacity factor and no dropless routing)",

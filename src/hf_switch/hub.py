@@ -339,16 +339,20 @@ def count_adapter_parameters(folder: Path) -> int | None:
 
 
 def describe_capacity(config: SwitchConfig) -> str:
-    """How many tokens each expert takes, in words."""
+    """How many tokens each expert takes, and counted over which tokens, in words."""
+    group = {"sequence": "each sequence", "batch": "all tokens of a forward"}.get(
+        config.routing_group, f"groups of {config.routing_group} tokens"
+    )
     if config.expert_capacity is not None:
-        return f"{config.expert_capacity} tokens per expert and sequence, in training and evaluation"
+        return f"{config.expert_capacity} tokens per expert and routing group ({group}), in training and evaluation"
 
     def factor(value) -> str:
         return "no limit (dropless)" if value is None else f"factor {value}"
 
     return (
-        f"{factor(config.capacity_factor)} in training, {factor(config.eval_capacity_factor)} in evaluation "
-        f"(factor f: f x top-k x tokens / experts slots, at least {config.min_expert_capacity})"
+        f"{factor(config.capacity_factor)} in training, {factor(config.eval_capacity_factor)} in evaluation, per "
+        f"routing group ({group}; factor f: f x top-k x group tokens / experts slots, at least "
+        f"{config.min_expert_capacity})"
     )
 
 

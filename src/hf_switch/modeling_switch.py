@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers import initialization as init
 from transformers.cache_utils import Cache, EncoderDecoderCache
-from transformers.generation import GenerationMixin
+from transformers.generation import GenerationMixin, GenerationMode
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import ModelOutput
@@ -35,7 +35,7 @@ from .cache import SwitchCache
 from .checkpoints import check_stored_dtypes, read_safetensors_header, swap_into_place, verify_loaded_keys
 from .configuration_switch import SwitchConfig
 from .experts import SwitchExperts, group_by_expert
-from .routing import RouterDecision, RoutingStats, SwitchRouter, routing_stats
+from .routing import RouterDecision, RoutingStats, SwitchRouter, chosen_expert_counts, routing_stats
 
 
 class SwitchSparseMLP(nn.Module):
@@ -356,6 +356,7 @@ class SwitchPreTrainedModel(PreTrainedModel):
             init.normal_(module.classifier.weight, mean=0.0, std=factor * (0.1 / d_model) ** 0.5)
             if module.classifier.bias is not None:
                 init.zeros_(module.classifier.bias)
+            init.zeros_(module.step_expert_counts)
         elif isinstance(module, T5Attention):
             key_value_proj_dim, n_heads = self.config.d_kv, self.config.num_heads
             init.normal_(module.q.weight, mean=0.0, std=factor * ((d_model * key_value_proj_dim) ** -0.5))
@@ -479,8 +480,29 @@ class SwitchStack(SwitchPreTrainedModel):
             _check_router_logits_finite(decisions, self.sparse_layers, "decoder" if self.is_decoder else "encoder")
 
         hidden_states = self.dropout(self.final_layer_norm(hidden_states))
-        routing = tuple(routing_stats(decision) for decision in decisions) if output_routing_stats else None
+        routing = None
+        if output_routing_stats:
+            fractions = [None] * len(decisions)
+            if self.training and decisions and self.config.load_balancing_scope == "global_batch":
+                fractions = self._global_expert_fractions(decisions)
+            routing = tuple(map(routing_stats, decisions, fractions))
         return SwitchStackOutput(last_hidden_state=hidden_states, cache=cache, routing=routing)
+
+    def _global_expert_fractions(self, decisions: list[RouterDecision]) -> list[torch.Tensor]:
+        """Per sparse layer, `[E]` share of the routed choices of the optimizer step so far, over all processes.
+
+        This forward's counts are summed over the data-parallel processes (one all-reduce for the stack) and added
+        to each router's `step_expert_counts`, which `routing.end_balancing_step` clears after the optimizer step.
+        """
+        counts = torch.stack([chosen_expert_counts(decision) for decision in decisions])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(counts)
+        routers = [block.layer[-1].mlp.router for block in self.block if block.is_sparse]
+        fractions = []
+        for router, layer_counts in zip(routers, counts, strict=True):
+            router.step_expert_counts += layer_counts
+            fractions.append(router.step_expert_counts / router.step_expert_counts.sum().clamp(min=1))
+        return fractions
 
 
 def _check_token_ids(token_ids: torch.Tensor, vocab_size: int, name: str, ignore_index: int | None = None) -> None:
@@ -792,6 +814,25 @@ class SwitchForConditionalGeneration(SwitchEncoderDecoderModel, GenerationMixin)
         if self.config.expert_parallel_size > 1:
             synced_gpus = True
         return super().generate(*args, synced_gpus=synced_gpus, output_routing_stats=output_routing_stats, **kwargs)
+
+    def _validate_generation_mode(self, generation_mode, generation_config, generation_mode_kwargs):
+        super()._validate_generation_mode(generation_mode, generation_config, generation_mode_kwargs)
+        config = self.config
+        capacity_field = "expert_capacity" if config.expert_capacity is not None else "eval_capacity_factor"
+        capacity = getattr(config, capacity_field)
+        if (
+            generation_mode in (GenerationMode.BEAM_SEARCH, GenerationMode.BEAM_SAMPLE)
+            and config.routing_group != "sequence"
+            and config.num_sparse_decoder_layers > 0
+            and capacity is not None
+        ):
+            raise ValueError(
+                f"Beam search with SwitchConfig.routing_group={config.routing_group!r} and a decoder capacity "
+                f"({capacity_field}={capacity!r}): "
+                "beams are reordered between steps, which changes the groups earlier positions were routed in, so "
+                "cached decoding could not equal a forward over the final beams. Set eval_capacity_factor=None "
+                "(dropless evaluation), or routing_group='sequence'."
+            )
 
     def prepare_decoder_input_ids_from_labels(self, labels: torch.Tensor):
         return self._shift_right(labels)

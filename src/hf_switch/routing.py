@@ -1,15 +1,79 @@
-"""Top-k token-choice routing: the router module, expert capacity, and the router losses.
+"""Top-k token-choice routing: the router module, routing groups, expert capacity, and the router losses.
 
-Shapes: `B` batch (one routing group per sequence), `T` tokens per sequence, `E` experts, `k` experts per token.
-The functions here are pure so that tests can call them directly.
+Shapes: `B` batch, `T` tokens per sequence, `E` experts, `k` experts per token, `G` routing groups of `N` tokens.
+Expert capacity and the load-balancing loss are counted per routing group (`SwitchConfig.routing_group`). The
+functions here are pure so that tests can call them directly.
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .configuration_switch import SwitchConfig
+
+
+@dataclass(frozen=True)
+class RoutingGroups:
+    """How the tokens of a `[B, T]` batch form routing groups, each ordered position-major.
+
+    `spec` is `SwitchConfig.routing_group`: "sequence" (each sequence is a group, `G = B`, `N = T`), "batch" (one group
+    of all `B * T` tokens: position 0 of every sequence, then position 1, ...), or an integer `S` (that position-major
+    order cut into groups of `S` tokens, the last one filled up with tokens that take part in nothing). Position-major
+    queues mean that whether a token keeps its expert never depends on later positions of its own sequence.
+    """
+
+    spec: str | int
+    batch: int
+    length: int
+
+    @property
+    def num_groups(self) -> int:
+        if self.spec == "sequence":
+            return self.batch
+        if self.spec == "batch":
+            return 1
+        return math.ceil(self.batch * self.length / self.spec)
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`[B, T, ...]` -> `[G, N, ...]` in queue order; filler tokens of an integer size hold zeros (False)."""
+        if self.spec == "sequence":
+            return tensor
+        flat = tensor.transpose(0, 1).reshape(self.batch * self.length, *tensor.shape[2:])
+        if self.spec == "batch":
+            return flat.unsqueeze(0)
+        filler = self.num_groups * self.spec - flat.shape[0]
+        flat = torch.cat([flat, flat.new_zeros((filler, *flat.shape[1:]))])
+        return flat.reshape(self.num_groups, self.spec, *flat.shape[1:])
+
+    def scatter(self, grouped: torch.Tensor) -> torch.Tensor:
+        """`[G, N, ...]` -> `[B, T, ...]`, the inverse of `gather`."""
+        if self.spec == "sequence":
+            return grouped
+        flat = grouped.reshape(-1, *grouped.shape[2:])[: self.batch * self.length]
+        return flat.reshape(self.length, self.batch, *flat.shape[1:]).transpose(0, 1)
+
+    def tokens_per_group(self, token_mask: torch.Tensor) -> torch.Tensor:
+        """`[B, T]`: routed tokens in each token's group."""
+        grouped = self.gather(token_mask)
+        return self.scatter(grouped.sum(dim=1, keepdim=True).expand_as(grouped))
+
+    def tokens_up_to_position(self, token_mask: torch.Tensor, past_tokens=None) -> torch.Tensor:
+        """`[B, T]`: routed tokens of each token's group at its position or before (`past_tokens` `[G]` earlier ones).
+
+        Defined for sequence and batch groups, whose members at a position are all in one group; the count at a
+        position then is the same in a forward over the whole sequence and in cached decoding.
+        """
+        if self.spec == "sequence":
+            counted = token_mask.long().cumsum(dim=1)
+        else:
+            counted = token_mask.long().sum(dim=0).cumsum(dim=0)[None, :].expand_as(token_mask)
+        return counted if past_tokens is None else counted + past_tokens[:, None]
+
+    def past_per_group(self, per_sequence: torch.Tensor) -> torch.Tensor:
+        """`[B, ...]` counts of the cached positions of each sequence -> `[G, ...]` counts of each group."""
+        return per_sequence if self.spec == "sequence" else per_sequence.sum(dim=0, keepdim=True)
 
 
 @dataclass
@@ -23,6 +87,7 @@ class RouterDecision:
         expert_weight: `[B, T, k]` weight of each chosen expert's output, in the router's dtype.
         kept: `[B, T, k]` whether the token reaches that expert (a routed token within capacity).
         token_mask: `[B, T]` tokens that take part in routing (all, unless padding is ignored).
+        groups: the routing groups capacity and the load-balancing loss were counted over.
     """
 
     logits: torch.Tensor
@@ -31,6 +96,7 @@ class RouterDecision:
     expert_weight: torch.Tensor
     kept: torch.Tensor
     token_mask: torch.Tensor
+    groups: RoutingGroups
 
 
 @dataclass
@@ -53,65 +119,80 @@ class RoutingStats:
 
 
 def expert_priority(expert_index: torch.Tensor, token_mask: torch.Tensor, num_experts: int, past_counts=None):
-    """1-based rank of each (token, choice) in its expert's queue, in (position, choice) order within a sequence.
+    """1-based rank of each (token, choice) in its expert's queue, in (token, choice) order within a group.
 
     Args:
-        expert_index: `[B, T, k]` chosen experts.
-        token_mask: `[B, T]` tokens that take part in routing; the others take no place in any queue.
+        expert_index: `[G, N, k]` chosen experts, tokens in queue order (`RoutingGroups.gather`).
+        token_mask: `[G, N]` tokens that take part in routing; the others take no place in any queue.
         num_experts: `E`.
-        past_counts: `[B, E]` tokens each expert already received from earlier positions (cached decoding).
+        past_counts: `[G, E]` tokens each expert already received from earlier positions (cached decoding).
 
     Returns:
-        `[B, T, k]` ranks (0 for masked tokens).
+        `[G, N, k]` ranks (0 for masked tokens).
     """
-    batch, length, top_k = expert_index.shape
+    groups, length, top_k = expert_index.shape
     one_hot = nn.functional.one_hot(expert_index, num_experts) * token_mask[:, :, None, None].long()
-    one_hot = one_hot.reshape(batch, length * top_k, num_experts)
+    one_hot = one_hot.reshape(groups, length * top_k, num_experts)
     ranks = one_hot.cumsum(dim=1)
     if past_counts is not None:
         ranks = ranks + past_counts[:, None, :]
-    return (ranks * one_hot).sum(-1).reshape(batch, length, top_k)
+    return (ranks * one_hot).sum(-1).reshape(groups, length, top_k)
 
 
-def expert_capacity_per_position(
-    config: SwitchConfig, token_mask: torch.Tensor, training: bool, causal: bool, past_tokens=None
+def expert_capacity(
+    config: SwitchConfig,
+    groups: RoutingGroups,
+    token_mask: torch.Tensor,
+    training: bool,
+    causal: bool,
+    past_tokens=None,
 ):
-    """Token slots per expert for each position, `[B, T]` (`None` when routing drops nothing).
+    """Token slots per expert for each token's group, `[B, T]` (`None` when routing drops nothing).
 
-    An absolute `expert_capacity` applies as is. A capacity factor scales the balanced share
-    `top_k * n / E`, where `n` counts the sequence's routed tokens: all of them in the encoder, those up to and
-    including each position when `causal` (the decoder), which keeps cached decoding exact.
+    An absolute `expert_capacity` applies as is. A capacity factor scales the balanced share `top_k * n / E`, where
+    `n` counts the group's routed tokens: all of them, except in a decoder that is not training, where `n` counts the
+    group's tokens at the token's position or before. That per-prefix count is what cached decoding can know, so
+    evaluation and `generate()` route a cached step exactly as a forward over the whole sequence.
 
     Args:
         token_mask: `[B, T]` tokens that take part in routing.
-        past_tokens: `[B]` routed tokens at earlier positions (cached decoding).
+        past_tokens: `[G]` routed tokens of each group at earlier positions (cached decoding).
     """
     if config.expert_capacity is not None:
         return torch.full(token_mask.shape, config.expert_capacity, device=token_mask.device)
     factor = config.capacity_factor if training else config.eval_capacity_factor
     if factor is None:
         return None
-    counted = token_mask.long()
-    if causal:
-        counted = counted.cumsum(dim=1)
-        if past_tokens is not None:
-            counted = counted + past_tokens[:, None]
+    if causal and not training:
+        if isinstance(groups.spec, int):
+            raise ValueError(
+                f"SwitchConfig.routing_group={groups.spec!r} with eval_capacity_factor={factor!r}: a decoder outside "
+                "training counts capacity per prefix (as cached decoding must), which groups of a fixed token count "
+                "do not align with. Use routing_group='batch' or 'sequence', or eval_capacity_factor=None (dropless)."
+            )
+        counted = groups.tokens_up_to_position(token_mask, past_tokens)
+    elif past_tokens is not None:
+        raise ValueError(
+            f"A cached decoder forward in training mode with capacity_factor={factor!r}: training counts capacity "
+            "over the whole routing group, which later positions change, so cached steps cannot route as one forward. "
+            "Call model.eval() before decoding with a cache, or set capacity_factor=None (dropless)."
+        )
     else:
-        counted = counted.sum(dim=1, keepdim=True).expand_as(token_mask)
+        counted = groups.tokens_per_group(token_mask)
     balanced_share = counted.double() * (config.router_top_k * factor / config.num_experts)
     return torch.ceil(balanced_share).long().clamp(min=config.min_expert_capacity)
 
 
 def load_balancing_loss(probs: torch.Tensor, expert_index: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
-    """Switch load-balancing loss `E * sum_e f_e * P_e`, per sequence and averaged over sequences.
+    """Switch load-balancing loss `E * sum_e f_e * P_e`, per routing group and averaged over groups.
 
-    `f_e` is the fraction of a sequence's tokens that chose expert `e` (before capacity, over all k choices and
+    `f_e` is the fraction of a group's tokens that chose expert `e` (before capacity, over all k choices and
     divided by k) and `P_e` the mean router probability of `e`; both over the tokens in `token_mask`.
 
     Args:
-        probs: `[B, T, E]` router probabilities.
-        expert_index: `[B, T, k]` chosen experts.
-        token_mask: `[B, T]`.
+        probs: `[G, N, E]` router probabilities.
+        expert_index: `[G, N, k]` chosen experts.
+        token_mask: `[G, N]`.
     """
     num_experts, top_k = probs.shape[-1], expert_index.shape[-1]
     mask = token_mask.to(torch.float32)[:, :, None]
@@ -119,9 +200,25 @@ def load_balancing_loss(probs: torch.Tensor, expert_index: torch.Tensor, token_m
     chose = nn.functional.one_hot(expert_index, num_experts).amax(dim=-2).to(torch.float32)
     fraction_routed = (chose * mask).sum(dim=1) / tokens.clamp(min=1) / top_k
     mean_prob = (probs.to(torch.float32) * mask).sum(dim=1) / tokens.clamp(min=1)
-    per_sequence = (fraction_routed * mean_prob).sum(dim=-1) * num_experts
+    per_group = (fraction_routed * mean_prob).sum(dim=-1) * num_experts
     has_tokens = tokens.squeeze(-1) > 0
-    return (per_sequence * has_tokens).sum() / has_tokens.sum().clamp(min=1)
+    return (per_group * has_tokens).sum() / has_tokens.sum().clamp(min=1)
+
+
+def global_load_balancing_loss(probs: torch.Tensor, token_mask: torch.Tensor, expert_fraction: torch.Tensor):
+    """`E * sum_e f_e * P_e` with `f_e` given: the fraction of routed choices over the whole (global) batch.
+
+    `f_e` is a count and carries no gradient; `P_e`, the mean router probability of `e` over this forward's tokens in
+    `token_mask`, does, as in the per-group loss (Qiu et al. 2025, global-batch load balancing).
+
+    Args:
+        probs: `[B, T, E]` router probabilities.
+        token_mask: `[B, T]`.
+        expert_fraction: `[E]`, summing to 1.
+    """
+    mask = token_mask.to(torch.float32)[:, :, None]
+    mean_prob = (probs.to(torch.float32) * mask).sum(dim=(0, 1)) / mask.sum().clamp(min=1)
+    return (expert_fraction.to(torch.float32) * mean_prob).sum() * probs.shape[-1]
 
 
 def router_z_loss(logits: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
@@ -136,15 +233,32 @@ def router_z_loss(logits: torch.Tensor, token_mask: torch.Tensor) -> torch.Tenso
     return (log_partition.square() * mask).sum() / mask.sum().clamp(min=1)
 
 
-def routing_stats(decision: RouterDecision) -> RoutingStats:
-    """Losses and load of one layer's routing decision."""
+def chosen_expert_counts(decision: RouterDecision) -> torch.Tensor:
+    """`[E]` routed (token, choice) pairs that chose each expert, before capacity."""
+    return torch.bincount(decision.expert_index[decision.token_mask].flatten(), minlength=decision.probs.shape[-1])
+
+
+def routing_stats(decision: RouterDecision, expert_fraction: torch.Tensor | None = None) -> RoutingStats:
+    """Losses and load of one layer's routing decision.
+
+    Args:
+        expert_fraction: `[E]` share of the global batch's routed choices per expert; with it the load-balancing loss
+            is the global-batch one (`SwitchConfig.load_balancing_scope="global_batch"`), else per routing group.
+    """
     num_experts = decision.probs.shape[-1]
     routed = decision.token_mask[:, :, None].expand_as(decision.kept)
     kept_experts = decision.expert_index[decision.kept]
     expert_counts = torch.bincount(kept_experts, minlength=num_experts)
     dropped = (routed & ~decision.kept).sum().to(torch.float32)
+    if expert_fraction is None:
+        groups = decision.groups
+        aux_loss = load_balancing_loss(
+            groups.gather(decision.probs), groups.gather(decision.expert_index), groups.gather(decision.token_mask)
+        )
+    else:
+        aux_loss = global_load_balancing_loss(decision.probs, decision.token_mask, expert_fraction)
     return RoutingStats(
-        aux_loss=load_balancing_loss(decision.probs, decision.expert_index, decision.token_mask),
+        aux_loss=aux_loss,
         z_loss=router_z_loss(decision.logits, decision.token_mask),
         router_logits=decision.logits,
         expert_counts=expert_counts,
@@ -155,13 +269,17 @@ def routing_stats(decision: RouterDecision) -> RoutingStats:
 class SwitchRouter(nn.Module):
     """Scores tokens against experts and picks each token's top-k experts within capacity.
 
-    The projection runs in `config.router_dtype` whatever the model's dtype ("selective precision").
+    The projection runs in `config.router_dtype` whatever the model's dtype ("selective precision"). With
+    `load_balancing_scope="global_batch"` it keeps `step_expert_counts`, `[E]` routed choices per expert summed over
+    the micro-batches and processes of the current optimizer step (see `end_balancing_step`).
     """
 
     def __init__(self, config: SwitchConfig):
         super().__init__()
         self.config = config
         self.classifier = nn.Linear(config.d_model, config.num_experts, bias=config.router_bias)
+        # Integer counts: a model cast to bfloat16 would round float counts above 256.
+        self.register_buffer("step_expert_counts", torch.zeros(config.num_experts, dtype=torch.long), persistent=False)
 
     def forward(self, hidden_states, token_mask, causal=False, past_expert_index=None) -> RouterDecision:
         """Route a batch.
@@ -169,7 +287,7 @@ class SwitchRouter(nn.Module):
         Args:
             hidden_states: `[B, T, d_model]`.
             token_mask: `[B, T]` bool, tokens that take part in routing.
-            causal: whether capacity is counted per prefix (the decoder).
+            causal: whether this is a decoder (capacity per prefix outside training).
             past_expert_index: `[B, T_past, k]` experts chosen at earlier positions, -1 where nothing was routed
                 (cached decoding).
         """
@@ -187,16 +305,40 @@ class SwitchRouter(nn.Module):
         if top_k > 1:
             expert_weight = expert_weight / expert_weight.sum(dim=-1, keepdim=True)
 
+        groups = RoutingGroups(self.config.routing_group, *token_mask.shape)
         past_counts = past_tokens = None
         if past_expert_index is not None:
-            past_counts = _count_per_expert(past_expert_index, self.config.num_experts)
-            past_tokens = (past_expert_index[:, :, 0] >= 0).sum(dim=1)
+            if isinstance(groups.spec, int) and self._drops_tokens():
+                raise ValueError(
+                    f"SwitchConfig.routing_group={groups.spec!r}: cached decoding cannot tell which fixed-size group "
+                    "a new position falls in for the capacity count. Use routing_group='batch' or 'sequence', or "
+                    "route without capacity (expert_capacity=None and a capacity factor of None)."
+                )
+            past_counts = groups.past_per_group(_count_per_expert(past_expert_index, self.config.num_experts))
+            past_tokens = groups.past_per_group((past_expert_index[:, :, 0] >= 0).sum(dim=1))
         kept = token_mask[:, :, None].expand_as(expert_index)
-        capacity = expert_capacity_per_position(self.config, token_mask, self.training, causal, past_tokens)
+        capacity = expert_capacity(self.config, groups, token_mask, self.training, causal, past_tokens)
         if capacity is not None:
-            priority = expert_priority(expert_index, token_mask, self.config.num_experts, past_counts)
-            kept = kept & (priority <= capacity[:, :, None])
-        return RouterDecision(logits, probs, expert_index, expert_weight, kept, token_mask)
+            priority = expert_priority(
+                groups.gather(expert_index), groups.gather(token_mask), self.config.num_experts, past_counts
+            )
+            kept = kept & (groups.scatter(priority) <= capacity[:, :, None])
+        return RouterDecision(logits, probs, expert_index, expert_weight, kept, token_mask, groups)
+
+    def _drops_tokens(self) -> bool:
+        factor = self.config.capacity_factor if self.training else self.config.eval_capacity_factor
+        return self.config.expert_capacity is not None or factor is not None
+
+
+def end_balancing_step(model: nn.Module) -> None:
+    """Close an optimizer step for routing: forget the per-step expert counts of every router in `model`.
+
+    Call it after each optimizer step (the Trainer does, through `training.BalancingStepCallback`), so that the
+    global-batch load-balancing loss counts the micro-batches of one step only.
+    """
+    for module in model.modules():
+        if isinstance(module, SwitchRouter):
+            module.step_expert_counts.zero_()
 
 
 def _count_per_expert(expert_index: torch.Tensor, num_experts: int) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Routing dashboards: per sparse layer losses, expert load balance and dropped tokens, logged and plotted."""
+"""Routing callbacks: the end of each optimizer step for balancing, and dashboards of per sparse layer losses,
+expert load balance and dropped tokens, logged and plotted."""
 
 import json
 from dataclasses import dataclass, field
@@ -8,9 +9,20 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from ..modeling_switch import SwitchStack
+from ..routing import end_balancing_step
 from .plots import plot_expert_load, plot_loss_curves
 
 STATS_FILE = "routing_stats.json"
+
+
+class BalancingStepCallback(TrainerCallback):
+    """Tells the routers that an optimizer step is done (`routing.end_balancing_step`), so that the global-batch
+    load-balancing loss counts the gradient-accumulation micro-batches of one optimizer step.
+
+    `SwitchTrainer` adds it."""
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        end_balancing_step(model)
 
 
 @dataclass

@@ -33,15 +33,23 @@ from .trainer import SwitchTrainer
 
 logger = logging.getLogger(__name__)
 
-# Defaults for every run, and for the embedded default job (a few minutes on a laptop CPU). On a machine without an
-# accelerator, `use_cpu` must be set for processes started by `accelerate launch` to train together (DDP over gloo);
-# without it each one silently trains alone.
+# Defaults for every run. On a machine without an accelerator, `use_cpu` must be set for processes started by
+# `accelerate launch` to train together (DDP over gloo); without it each one silently trains alone.
 RUN_DEFAULTS = dict(
     output_dir="outputs/hf-switch",
     report_to=["tensorboard"],
     logging_steps=25,
     use_cpu=not torch.accelerator.is_available(),
 )
+# A model built from a preset trains from scratch: Trainer's defaults (learning rate 5e-5, batch 8, no warm-up) are
+# for finetuning and leave a fresh model near its initial loss for hundreds of steps. Finetuning a saved or upcycled
+# model keeps them.
+FROM_SCRATCH_DEFAULTS = dict(
+    per_device_train_batch_size=32,
+    learning_rate=1e-3,
+    warmup_steps=100,
+)
+# The embedded default job: a few minutes on a laptop CPU.
 EMBEDDED_DEFAULTS = dict(
     max_steps=400,
     per_device_train_batch_size=32,
@@ -62,20 +70,29 @@ EMBEDDED_TOKENIZER = Path(__file__).parent / "embedded_tokenizer"
 def parse_arguments(argv: list[str], extra: tuple[type, ...] = (), defaults: dict | None = None) -> tuple:
     """`(ModelArguments, DataArguments, Seq2SeqTrainingArguments, *extra)` from flags or one YAML/JSON file.
 
-    Flags and file values override `RUN_DEFAULTS`, the command's `defaults` and, when no data is given,
-    `EMBEDDED_DEFAULTS`.
+    Flags and file values override `RUN_DEFAULTS`, the command's `defaults`, `FROM_SCRATCH_DEFAULTS` when the model is
+    built from a preset and, when no data is given, `EMBEDDED_DEFAULTS`.
     """
     parser = HfArgumentParser((ModelArguments, DataArguments, Seq2SeqTrainingArguments, *extra))
     defaults = {**RUN_DEFAULTS, **(defaults or {})}
     if len(argv) == 1 and argv[0].endswith((".yaml", ".yml", ".json")):
         text = Path(argv[0]).read_text()
         values = json.loads(text) if argv[0].endswith(".json") else yaml.safe_load(text)
-        embedded = EMBEDDED_DEFAULTS if parser.parse_dict({**defaults, **values})[1].uses_embedded_default else {}
-        return parser.parse_dict({**defaults, **embedded, **values})
+        model_args, data_args = parser.parse_dict({**defaults, **values})[:2]
+        return parser.parse_dict({**defaults, **_situational_defaults(model_args, data_args), **values})
     parser.set_defaults(**defaults)
-    if parser.parse_args_into_dataclasses(args=argv)[1].uses_embedded_default:
-        parser.set_defaults(**EMBEDDED_DEFAULTS)
+    model_args, data_args = parser.parse_args_into_dataclasses(args=argv)[:2]
+    parser.set_defaults(**_situational_defaults(model_args, data_args))
     return parser.parse_args_into_dataclasses(args=argv)
+
+
+def _situational_defaults(model_args: ModelArguments, data_args: DataArguments) -> dict:
+    """Defaults that depend on what is trained: from scratch (a preset) or not, on the embedded data or not."""
+    from_scratch = model_args.model_name_or_path is None and model_args.upcycle_from is None
+    return {
+        **(FROM_SCRATCH_DEFAULTS if from_scratch else {}),
+        **(EMBEDDED_DEFAULTS if data_args.uses_embedded_default else {}),
+    }
 
 
 def _training_texts(raw, data_args: DataArguments):

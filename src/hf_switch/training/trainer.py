@@ -1,16 +1,25 @@
-"""`SwitchTrainer`: transformers' `Seq2SeqTrainer`, able to train expert-parallel models under DeepSpeed."""
+"""`SwitchTrainer`: transformers' `Seq2SeqTrainer` that closes each optimizer step for routing and trains
+expert-parallel models under DeepSpeed."""
 
 import torch
 from transformers import Seq2SeqTrainer
 
+from .callbacks import BalancingStepCallback
+
 
 class SwitchTrainer(Seq2SeqTrainer):
-    """A `Seq2SeqTrainer` that also trains models whose experts are spread over ranks (`expert_parallel_size > 1`).
+    """A `Seq2SeqTrainer` for Switch models, also those whose experts are spread over ranks.
 
-    It puts the expert weights of the optimizer it builds in DeepSpeed MoE parameter groups (which ZeRO 1/2 require
-    of a client optimizer), and gathers every expert when it saves, so that its folders load in one process. For
-    other models it is `Seq2SeqTrainer` unchanged.
+    After each optimizer step it clears the routers' per-step expert counts (`BalancingStepCallback`, which the
+    global-batch load-balancing loss reads). With `expert_parallel_size > 1` it puts the expert weights of the
+    optimizer it builds in DeepSpeed MoE parameter groups (which ZeRO 1/2 require of a client optimizer), and gathers
+    every expert when it saves, so that its folders load in one process. For other models it is `Seq2SeqTrainer`
+    with that callback.
     """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.add_callback(BalancingStepCallback)
 
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
