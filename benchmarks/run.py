@@ -22,6 +22,7 @@ from benchmarks.layer import measure as measure_layer  # noqa: E402
 from benchmarks.model import ModelCase, measure_generation, measure_training  # noqa: E402
 from benchmarks.products import ProductCase  # noqa: E402
 from benchmarks.products import measure as measure_products  # noqa: E402
+from benchmarks.routing import kept_fractions  # noqa: E402
 from benchmarks.routing import measure as measure_routing  # noqa: E402
 
 MODEL_KINDS = ["hf_switch", "transformers", "t5"]
@@ -71,17 +72,21 @@ def run_layer(quick: bool, rounds: int) -> dict:
 
 
 def run_routing(quick: bool, rounds: int) -> dict:
-    """Routing groups side by side at E = 8 and 32 with capacity factor 1.25: time / per-sequence routing's time."""
-    rows = {}
-    for backward in (False, True):
-        for case in layer_cases(quick):
-            if case.capacity_factor is None or case.num_experts > 32:
-                continue
-            key = f"{case.name} {'fwd+bwd' if backward else 'fwd'}"
-            rows[key] = measure_routing(case, backward, rounds)
-            print(f"  {key}: " + ", ".join(f"{k} {v['ratio']:.3f}" for k, v in rows[key].items()), flush=True)
+    """Routing groups side by side at E = 8 and 32 with capacity factor 1.25: time / per-sequence routing's time,
+    for the whole layer and for the router alone."""
+    rows, kept = {}, {}
+    for router_only in (False, True):
+        for backward in (False, True):
+            for case in layer_cases(quick):
+                if case.capacity_factor is None or case.num_experts > 32:
+                    continue
+                kept[case.name] = kept_fractions(case)
+                key = f"{'router' if router_only else 'layer'} {case.name} {'fwd+bwd' if backward else 'fwd'}"
+                rows[key] = measure_routing(case, backward, rounds, router_only)
+                print(f"  {key}: " + ", ".join(f"{k} {v['ratio']:.3f}" for k, v in rows[key].items()), flush=True)
     print_table("MoE layer by routing group, time / per-sequence routing", rows, list(next(iter(rows.values()))))
-    return {"ratios": rows}
+    print("\nkept share of routed tokens: " + "; ".join(f"{case} {shares}" for case, shares in kept.items()))
+    return {"ratios": rows, "kept_fraction": kept}
 
 
 def product_cases(quick: bool) -> list[ProductCase]:

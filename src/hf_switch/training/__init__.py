@@ -4,6 +4,7 @@ from .arguments import PRESETS, DataArguments, ModelArguments
 from .callbacks import BalancingStepCallback, RoutingDashboardCallback, add_routing_dashboard
 from .span_corruption import SpanCorruption
 from .train import main, run
+from .trainer import SwitchTrainer
 
 __all__ = [
     "PRESETS",
@@ -12,6 +13,7 @@ __all__ = [
     "ModelArguments",
     "RoutingDashboardCallback",
     "SpanCorruption",
+    "SwitchTrainer",
     "add_routing_dashboard",
     "main",
     "run",

@@ -2,6 +2,7 @@
 expert load balance and dropped tokens, logged and plotted."""
 
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +24,30 @@ class BalancingStepCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         end_balancing_step(model)
+
+
+class TrainingClockCallback(TrainerCallback):
+    """Adds `train_seconds` to every log: seconds spent in training steps so far, evaluation and saving left out.
+
+    Curves of loss against wall-clock time compare runs by it. A resumed run continues from the last logged value.
+    """
+
+    def __init__(self):
+        self.seconds, self._step_start = 0.0, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        logged = [entry["train_seconds"] for entry in state.log_history if "train_seconds" in entry]
+        self.seconds = logged[-1] if logged else 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._step_start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.seconds += time.perf_counter() - self._step_start
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is not None:
+            logs["train_seconds"] = round(self.seconds, 3)
 
 
 @dataclass

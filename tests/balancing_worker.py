@@ -1,0 +1,25 @@
+"""One rank of `test_global_batch_counts_are_summed_over_data_parallel_processes`, started by torchrun (gloo, CPU).
+
+`python -m torch.distributed.run --standalone --nproc_per_node 2 tests/balancing_worker.py DIR`: each rank runs one
+training forward on its own batch; rank 0 writes every rank's per-router step counts to DIR/counts.json.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from conftest import random_batch, tiny_model
+from test_balancing import GLOBAL, _routers
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+model = torch.nn.parallel.DistributedDataParallel(tiny_model(**GLOBAL).train())
+model(**random_batch(seed=10 + rank))
+counts = [router.step_expert_counts.tolist() for router in _routers(model)]
+gathered = [None] * dist.get_world_size()
+dist.all_gather_object(gathered, counts)
+if rank == 0:
+    Path(sys.argv[1], "counts.json").write_text(json.dumps(gathered))
+dist.destroy_process_group()
