@@ -14,6 +14,7 @@ from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedTokeniz
 import hf_switch
 from hf_switch.training import main
 from hf_switch.training.data import embedded_corpus, sentinel_ids, train_tokenizer
+from hf_switch.training.train import FROM_SCRATCH_DEFAULTS, parse_arguments
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 TINY = ["--preset", "tiny", "--report_to", "none", "--per_device_train_batch_size", "4", "--logging_steps", "1"]
@@ -105,6 +106,28 @@ def test_resume_from_checkpoint_reproduces_the_uninterrupted_losses(tmp_path, te
     assert {step: loss for step, loss in resumed.items() if step > 3} == {
         step: loss for step, loss in straight.items() if step > 3
     }
+    # The training clock continues from the checkpoint's last logged value instead of restarting at zero.
+    clock = {
+        entry["step"]: entry["train_seconds"]
+        for entry in json.loads((tmp_path / "resumed" / "trainer_state.json").read_text())["log_history"]
+        if "loss" in entry
+    }
+    assert list(clock) == [1, 2, 3, 4, 5, 6]
+    seconds = list(clock.values())
+    assert all(earlier < later for earlier, later in zip(seconds, seconds[1:], strict=False))
+
+
+@pytest.mark.parametrize(
+    ("model_flags", "from_scratch"),
+    [([], True), (["--model_name_or_path", "some/model"], False), (["--upcycle_from", "some/t5"], False)],
+)
+def test_from_scratch_defaults_apply_to_presets_only_and_flags_override_them(text_file, model_flags, from_scratch):
+    data = ["--train_file", str(text_file), "--output_dir", "unused"]
+    training_args = parse_arguments([*data, *model_flags])[2]
+    expected = FROM_SCRATCH_DEFAULTS if from_scratch else {"learning_rate": 5e-5, "per_device_train_batch_size": 8}
+    for field, value in expected.items():
+        assert getattr(training_args, field) == value, field
+    assert parse_arguments([*data, *model_flags, "--learning_rate", "3e-4"])[2].learning_rate == 3e-4
 
 
 @pytest.mark.parametrize(

@@ -36,66 +36,66 @@ def sparse_layer_indices(num_layers: int, num_sparse_layers: int) -> list[int]:
 @strict
 class SwitchConfig(PreTrainedConfig):
     r"""
-        Configuration of a [`SwitchForConditionalGeneration`]: a T5-style encoder-decoder in which every
-        `num_layers // num_sparse_encoder_layers`-th feed-forward layer is a mixture of experts with top-k routing.
+    Configuration of a [`SwitchForConditionalGeneration`]: a T5-style encoder-decoder in which every
+    `num_layers // num_sparse_encoder_layers`-th feed-forward layer is a mixture of experts with top-k routing.
 
-        Field names follow transformers' `SwitchTransformersConfig` where they overlap, so that its `config.json` files
-        load (see [`SwitchConfig.from_switch_transformers`]). Defaults follow the paper where it differs from
-        transformers: aux loss coefficient 1e-2, z-loss coefficient 1e-3, router in float32, capacity factor 1.25 in
-        training, routing groups of the whole batch (as the paper's groups of many sequences), and evaluation that drops no
-    token (so a sequence's output does not depend on the batch it is in).
+    Field names follow transformers' `SwitchTransformersConfig` where they overlap, so that its `config.json` files
+    load (see [`SwitchConfig.from_switch_transformers`]). Defaults follow the paper where it differs from
+    transformers: aux loss coefficient 1e-2, z-loss coefficient 1e-3, router in float32, capacity factor 1.25 in
+    training, routing groups of the whole batch (as the paper's groups of many sequences), and evaluation that
+    drops no token (so a sequence's output does not depend on the batch it is in).
 
-        Args:
-            vocab_size: Size of the token vocabulary.
-            d_model: Width of the residual stream.
-            d_kv: Width of one attention head.
-            d_ff: Hidden width of each feed-forward layer and of each expert.
-            num_layers: Number of encoder layers.
-            num_decoder_layers: Number of decoder layers (defaults to `num_layers`).
-            num_heads: Number of attention heads.
-            num_experts: Number of experts in each sparse layer.
-            num_sparse_encoder_layers: Number of sparse layers in the encoder (0 for a dense encoder).
-            num_sparse_decoder_layers: Number of sparse layers in the decoder (0 for a dense decoder).
-            routing_group: What one routing group is, the tokens that expert capacity and the load-balancing loss are
-                counted over: "batch" (all tokens of a forward on this rank), "sequence" (each sequence alone: transformers'
-                semantics, short sequences get few slots per expert), or a positive integer (groups of that many tokens,
-                mesh-tf's `group_size`). Queues within a group are position-major: position 0 of every sequence, then
-                position 1, and so on.
-            expert_capacity: Absolute number of token slots per expert and routing group. When set it takes precedence
-                over the capacity factors, in training and evaluation alike (this is transformers' semantics).
-            capacity_factor: Slots per expert in training, as a multiple of the group's balanced share
-                `router_top_k * tokens / num_experts`. `None` with `expert_capacity=None` routes without dropping.
-            eval_capacity_factor: The same in evaluation (`model.eval()`, `generate()`); `None` (the default) routes
-                without dropping, so outputs do not depend on the batch.
-            min_expert_capacity: Lower bound on the capacity a factor gives.
-            router_top_k: Number of experts each token is sent to (1 in the paper).
-            router_bias: Whether the router's projection has a bias.
-            router_jitter_noise: Width of the multiplicative uniform noise on the router input in training.
-            router_dtype: Precision of the router computation ("selective precision" in the paper).
-            router_ignore_padding_tokens: Whether padding tokens are kept out of routing, capacity and router losses.
-            router_z_loss_coef: Weight of the router z-loss in the training loss.
-            router_check_finite: Whether every forward checks that the router logits are finite and raises a
-                `FloatingPointError` naming the layer when they hold NaN or inf. The check costs one host-device
-                synchronisation per stack; turn it off for speed once training is known to be stable.
-            router_aux_loss_coef: Weight of the load-balancing loss in the training loss.
-            load_balancing_scope: Which tokens the load-balancing loss's expert fractions `f_e` count: "group" (each
-                routing group's own), or "global_batch" (in training, every micro-batch of the optimizer step so far on
-                every data-parallel process; Qiu et al. 2025). See `routing.end_balancing_step`.
-            expert_dropout: Dropout inside the experts (the paper finetunes with 0.4); `None` uses `dropout_rate`.
-            expert_parallel_size: Number of ranks the experts of each layer are sharded over.
-            relative_attention_num_buckets: Number of relative position buckets.
-            relative_attention_max_distance: Largest distinguished relative distance.
-            dropout_rate: Dropout everywhere outside the experts.
-            layer_norm_epsilon: Epsilon of the RMS layer norms.
-            feed_forward_proj: Feed-forward activation: "relu", "gelu", or a gated "gated-relu", "gated-gelu",
-                "gated-silu" (as in T5).
-            initializer_factor: Scale of all initial weights.
+    Args:
+        vocab_size: Size of the token vocabulary.
+        d_model: Width of the residual stream.
+        d_kv: Width of one attention head.
+        d_ff: Hidden width of each feed-forward layer and of each expert.
+        num_layers: Number of encoder layers.
+        num_decoder_layers: Number of decoder layers (defaults to `num_layers`).
+        num_heads: Number of attention heads.
+        num_experts: Number of experts in each sparse layer.
+        num_sparse_encoder_layers: Number of sparse layers in the encoder (0 for a dense encoder).
+        num_sparse_decoder_layers: Number of sparse layers in the decoder (0 for a dense decoder).
+        routing_group: What one routing group is, the tokens that expert capacity and the load-balancing loss are
+            counted over: "batch" (all tokens of a forward on this rank), "sequence" (each sequence alone:
+            transformers' semantics, short sequences get few slots per expert), or a positive integer (groups of
+            that many tokens, mesh-tf's `group_size`). Queues within a group are position-major: position 0 of
+            every sequence, then position 1, and so on.
+        expert_capacity: Absolute number of token slots per expert and routing group. When set it takes precedence
+            over the capacity factors, in training and evaluation alike (this is transformers' semantics).
+        capacity_factor: Slots per expert in training, as a multiple of the group's balanced share
+            `router_top_k * tokens / num_experts`. `None` with `expert_capacity=None` routes without dropping.
+        eval_capacity_factor: The same in evaluation (`model.eval()`, `generate()`); `None` (the default) routes
+            without dropping, so outputs do not depend on the batch.
+        min_expert_capacity: Lower bound on the capacity a factor gives.
+        router_top_k: Number of experts each token is sent to (1 in the paper).
+        router_bias: Whether the router's projection has a bias.
+        router_jitter_noise: Width of the multiplicative uniform noise on the router input in training.
+        router_dtype: Precision of the router computation ("selective precision" in the paper).
+        router_ignore_padding_tokens: Whether padding tokens are kept out of routing, capacity and router losses.
+        router_z_loss_coef: Weight of the router z-loss in the training loss.
+        router_check_finite: Whether every forward checks that the router logits are finite and raises a
+            `FloatingPointError` naming the layer when they hold NaN or inf. The check costs one host-device
+            synchronisation per stack; turn it off for speed once training is known to be stable.
+        router_aux_loss_coef: Weight of the load-balancing loss in the training loss.
+        load_balancing_scope: Which tokens the load-balancing loss's expert fractions `f_e` count: "group" (each
+            routing group's own), or "global_batch" (in training, every micro-batch of the optimizer step so far on
+            every data-parallel process; Qiu et al. 2025). See `routing.end_balancing_step`.
+        expert_dropout: Dropout inside the experts (the paper finetunes with 0.4); `None` uses `dropout_rate`.
+        expert_parallel_size: Number of ranks the experts of each layer are sharded over.
+        relative_attention_num_buckets: Number of relative position buckets.
+        relative_attention_max_distance: Largest distinguished relative distance.
+        dropout_rate: Dropout everywhere outside the experts.
+        layer_norm_epsilon: Epsilon of the RMS layer norms.
+        feed_forward_proj: Feed-forward activation: "relu", "gelu", or a gated "gated-relu", "gated-gelu",
+            "gated-silu" (as in T5).
+        initializer_factor: Scale of all initial weights.
 
-        In a decoder outside training, an `eval_capacity_factor` applies to each prefix: a token at position `t` is kept
-        if its expert received no more than `ceil(top_k * factor * n_t / num_experts)` tokens (and at least
-        `min_expert_capacity`) of the group's `n_t` tokens at positions up to and including `t`. This is causal, so
-        decoding with a cache routes exactly as a forward pass over the whole sequence does. Beam search reorders the
-        sequences of a batch, so with groups that span sequences and capacity in evaluation it is refused.
+    In a decoder outside training, an `eval_capacity_factor` applies to each prefix: a token at position `t` is kept
+    if its expert received no more than `ceil(top_k * factor * n_t / num_experts)` tokens (and at least
+    `min_expert_capacity`) of the group's `n_t` tokens at positions up to and including `t`. This is causal, so
+    decoding with a cache routes exactly as a forward pass over the whole sequence does. Beam search reorders the
+    sequences of a batch, so with groups that span sequences and capacity in evaluation it is refused.
     """
 
     model_type = "hf_switch"

@@ -46,8 +46,12 @@ class TrainingClockCallback(TrainerCallback):
         self.seconds += time.perf_counter() - self._step_start
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is not None:
-            logs["train_seconds"] = round(self.seconds, 3)
+        if logs is None:
+            return
+        logs["train_seconds"] = round(self.seconds, 3)
+        # Trainer appends a copy of `logs` to the history before calling back; the history is what checkpoints keep.
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1]["train_seconds"] = logs["train_seconds"]
 
 
 @dataclass
