@@ -20,19 +20,23 @@ from hf_switch.expert_parallel import (
     deepspeed_checkpoint_state_dict,
     moe_optimizer_groups,
 )
+from hf_switch.routing import end_balancing_step
 
 TOLERANCE = 1e-5
 
 
 def config(**overrides):
     # Every layer sparse and a binding capacity: routing, dropping and the all-to-all are all exercised. Each rank
-    # routes its own batch, so per-sequence routing groups make ranks and one process see the same groups.
+    # routes its own batch, so per-sequence routing groups make ranks and one process see the same groups. Expert
+    # biases, moved by the engine scenario's steps, travel through its checkpoints and consolidation.
     fields = dict(
         num_experts=4,
         num_sparse_encoder_layers=2,
         num_sparse_decoder_layers=2,
         expert_capacity=3,
         routing_group="sequence",
+        router_expert_bias=True,
+        router_bias_update_rate=0.05,
     )
     return tiny_config(**{**fields, **overrides})
 
@@ -178,6 +182,7 @@ def train_steps(engine, steps: int) -> list[float]:
         loss = engine(**this_ranks_rows(random_batch(batch=2 * dist.get_world_size(), seed=10 + step))).loss
         engine.backward(loss)
         engine.step()
+        end_balancing_step(engine.module)
         losses.append(loss.item())
     return losses
 
@@ -208,6 +213,11 @@ def engine(directory: Path, expert_parallel_size: int, stage: int = 2, deepspeed
     resumed_parameters = resumed.module.parameters()
     for (name, parameter), resumed_parameter in zip(trained.module.named_parameters(), resumed_parameters, strict=True):
         assert torch.equal(parameter, resumed_parameter), name
+    trained_biases = {name: bias for name, bias in trained.module.named_buffers() if name.endswith("expert_bias")}
+    assert len(trained_biases) == 8 and all(bias.any() for bias in trained_biases.values())
+    for name, bias in resumed.module.named_buffers():
+        if name.endswith("expert_bias"):
+            assert torch.equal(bias, trained_biases[name]), name
     trained.module.train()
     next_losses = train_steps(trained, 1), train_steps(resumed, 1)
     assert next_losses[0] == next_losses[1], next_losses

@@ -17,6 +17,7 @@ from hf_switch.training import SwitchTrainer
 
 WORKER = Path(__file__).parent / "balancing_worker.py"
 GLOBAL = dict(load_balancing_scope="global_batch", capacity_factor=None, num_experts=4)
+GLOBAL_WITH_BIAS = dict(GLOBAL, router_expert_bias=True, router_bias_update_rate=0.05)
 
 
 def _routers(model) -> list[SwitchRouter]:
@@ -98,13 +99,16 @@ def test_trainer_sums_counts_over_gradient_accumulation_and_clears_them_after_ea
 
 
 @pytest.mark.slow
-def test_global_batch_counts_are_summed_over_data_parallel_processes(tmp_path):
+def test_global_batch_counts_and_expert_biases_agree_over_data_parallel_processes(tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([*command, str(WORKER), str(tmp_path)], check=True, env=environment, timeout=300)
-    ranks = json.loads((tmp_path / "counts.json").read_text())
-    assert ranks[0] == ranks[1]  # every process holds the same counts
-    model = tiny_model(**GLOBAL).train()
+    ranks = json.loads((tmp_path / "ranks.json").read_text())
+    assert ranks[0] == ranks[1]  # every process holds the same counts, then the same biases
+    model = tiny_model(**GLOBAL_WITH_BIAS).train()
     for rank in range(2):
         model(**random_batch(seed=10 + rank))
-    assert ranks[0] == [router.step_expert_counts.tolist() for router in _routers(model)]
+    assert ranks[0]["counts"] == [router.step_expert_counts.tolist() for router in _routers(model)]
+    end_balancing_step(model)
+    assert ranks[0]["biases"] == [router.expert_bias.tolist() for router in _routers(model)]
+    assert any(any(bias) for bias in ranks[0]["biases"])

@@ -43,6 +43,7 @@ BAD_FIELDS = [
     ("routing_group", "token", "one of ('sequence', 'batch') or a positive number of tokens"),
     ("routing_group", 0, "routing_group"),
     ("load_balancing_scope", "batch", "one of ('group', 'global_batch')"),
+    ("router_bias_update_rate", -0.1, "a finite number >= 0"),
     ("capacity_factor", 0.0, "capacity_factor"),
     ("eval_capacity_factor", -1.0, "eval_capacity_factor"),
     ("min_expert_capacity", 0, "min_expert_capacity"),

@@ -136,6 +136,7 @@ def test_switch_card_has_metadata_parameters_routing_and_evaluation(tmp_path):
     assert (loss.task_type, loss.dataset_split) == ("translation", "validation")
     parameters = count_parameters(AutoModelForSeq2SeqLM.from_pretrained(source))
     assert f"| parameters active per token | {parameters.active:,}" in card.text
+    assert "| load balancing | auxiliary loss over each routing group |" in card.text
     assert "| encoder.1 | 1.60 | 0.45 | 0.0500 | 1.2000 | - |" in card.text
     assert "![expert_load.png](expert_load.png)" in card.text
     assert 'from_pretrained("org/tiny-switch", trust_remote_code=True)' in card.text

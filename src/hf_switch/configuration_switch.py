@@ -81,6 +81,12 @@ class SwitchConfig(PreTrainedConfig):
         load_balancing_scope: Which tokens the load-balancing loss's expert fractions `f_e` count: "group" (each
             routing group's own), or "global_batch" (in training, every micro-batch of the optimizer step so far on
             every data-parallel process; Qiu et al. 2025). See `routing.end_balancing_step`.
+        router_expert_bias: Whether each sparse layer keeps a per-expert bias that is added to the router
+            probabilities to choose the experts, never to weight their outputs (auxiliary-loss-free balancing, Wang et
+            al. 2024). It takes no gradient: after each optimizer step the bias of every expert that received fewer
+            routed choices than the mean rises by `router_bias_update_rate`, and that of every busier expert falls
+            by it. Use it alone (`router_aux_loss_coef=0`) or next to the load-balancing loss. Saved with the model.
+        router_bias_update_rate: Step of the expert bias per optimizer step (`u` in Wang et al. 2024); 0 freezes it.
         expert_dropout: Dropout inside the experts (the paper finetunes with 0.4); `None` uses `dropout_rate`.
         expert_parallel_size: Number of ranks the experts of each layer are sharded over.
         relative_attention_num_buckets: Number of relative position buckets.
@@ -132,6 +138,8 @@ class SwitchConfig(PreTrainedConfig):
     router_z_loss_coef: float | int = 1e-3
     router_aux_loss_coef: float | int = 1e-2
     load_balancing_scope: str = "group"
+    router_expert_bias: bool = False
+    router_bias_update_rate: float | int = 1e-3
     expert_dropout: float | int | None = None
     expert_parallel_size: int = 1
     relative_attention_num_buckets: int = 32
@@ -210,7 +218,7 @@ class SwitchConfig(PreTrainedConfig):
             "a number in [0, 1)",
         )
         _require(self.router_dtype in ROUTER_DTYPES, "router_dtype", self.router_dtype, f"one of {ROUTER_DTYPES}")
-        for field in ("router_z_loss_coef", "router_aux_loss_coef"):
+        for field in ("router_z_loss_coef", "router_aux_loss_coef", "router_bias_update_rate"):
             value = getattr(self, field)
             _require(math.isfinite(value) and value >= 0, field, value, "a finite number >= 0")
         for field in ("dropout_rate", "expert_dropout"):

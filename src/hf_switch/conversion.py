@@ -86,5 +86,15 @@ def save_as_switch_transformers(model: SwitchForConditionalGeneration, save_dire
     instead of being dropped.
     """
     reference = SwitchTransformersForConditionalGeneration(transformers_config_from_switch(model.config))
-    reference.load_state_dict(unstack_experts(model.state_dict()), strict=True)
+    state_dict = model.state_dict()
+    expert_biases = [key for key in state_dict if key.endswith(".router.expert_bias")]
+    for key in expert_biases:
+        if state_dict[key].any():
+            raise ValueError(
+                f"{key} is not zero: transformers' router has no expert bias (SwitchConfig.router_expert_bias), so "
+                "the converted model would choose other experts than this one. Only a model whose expert biases are "
+                "all zero converts."
+            )
+        del state_dict[key]
+    reference.load_state_dict(unstack_experts(state_dict), strict=True)
     reference.save_pretrained(save_directory)

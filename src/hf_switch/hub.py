@@ -274,6 +274,7 @@ def _build_switch(folder: Path, output_dir: Path, max_shard_size) -> CardContent
         "config": model.config,
         "parameters": count_parameters(model),
         "capacity": describe_capacity(model.config),
+        "balancing": describe_balancing(model.config),
     }
     return CardContent(
         variables, tags=["mixture-of-experts", "switch-transformers", "hf_switch"], library_name="transformers"
@@ -354,6 +355,19 @@ def describe_capacity(config: SwitchConfig) -> str:
         f"routing group ({group}; factor f: f x top-k x group tokens / experts slots, at least "
         f"{config.min_expert_capacity})"
     )
+
+
+def describe_balancing(config: SwitchConfig) -> str:
+    """Which load-balancing methods train the routers, in words."""
+    scope = "the global batch" if config.load_balancing_scope == "global_batch" else "each routing group"
+    methods = []
+    if config.router_aux_loss_coef > 0:
+        methods.append(f"auxiliary loss over {scope}")
+    if config.router_expert_bias:
+        methods.append(
+            f"per-expert selection bias (auxiliary-loss-free, step {config.router_bias_update_rate} per optimizer step)"
+        )
+    return " + ".join(methods) or "none"
 
 
 @dataclass

@@ -357,6 +357,8 @@ class SwitchPreTrainedModel(PreTrainedModel):
             if module.classifier.bias is not None:
                 init.zeros_(module.classifier.bias)
             init.zeros_(module.step_expert_counts)
+            if module.config.router_expert_bias:
+                init.zeros_(module.expert_bias)
         elif isinstance(module, T5Attention):
             key_value_proj_dim, n_heads = self.config.d_kv, self.config.num_heads
             init.normal_(module.q.weight, mean=0.0, std=factor * ((d_model * key_value_proj_dim) ** -0.5))
@@ -480,19 +482,21 @@ class SwitchStack(SwitchPreTrainedModel):
             _check_router_logits_finite(decisions, self.sparse_layers, "decoder" if self.is_decoder else "encoder")
 
         hidden_states = self.dropout(self.final_layer_norm(hidden_states))
-        routing = None
-        if output_routing_stats:
-            fractions = [None] * len(decisions)
-            if self.training and decisions and self.config.load_balancing_scope == "global_batch":
-                fractions = self._global_expert_fractions(decisions)
-            routing = tuple(map(routing_stats, decisions, fractions))
+        global_balancing = self.config.load_balancing_scope == "global_batch"
+        fractions = [None] * len(decisions)
+        if self.training and decisions and (global_balancing or self.config.router_expert_bias):
+            step_fractions = self._count_step_loads(decisions)
+            if global_balancing:
+                fractions = step_fractions
+        routing = tuple(map(routing_stats, decisions, fractions)) if output_routing_stats else None
         return SwitchStackOutput(last_hidden_state=hidden_states, cache=cache, routing=routing)
 
-    def _global_expert_fractions(self, decisions: list[RouterDecision]) -> list[torch.Tensor]:
+    def _count_step_loads(self, decisions: list[RouterDecision]) -> list[torch.Tensor]:
         """Per sparse layer, `[E]` share of the routed choices of the optimizer step so far, over all processes.
 
         This forward's counts are summed over the data-parallel processes (one all-reduce for the stack) and added
-        to each router's `step_expert_counts`, which `routing.end_balancing_step` clears after the optimizer step.
+        to each router's `step_expert_counts`, which `routing.end_balancing_step` turns into an expert-bias step
+        and clears after the optimizer step.
         """
         counts = torch.stack([chosen_expert_counts(decision) for decision in decisions])
         if torch.distributed.is_available() and torch.distributed.is_initialized():

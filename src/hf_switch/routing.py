@@ -269,9 +269,12 @@ def routing_stats(decision: RouterDecision, expert_fraction: torch.Tensor | None
 class SwitchRouter(nn.Module):
     """Scores tokens against experts and picks each token's top-k experts within capacity.
 
-    The projection runs in `config.router_dtype` whatever the model's dtype ("selective precision"). With
-    `load_balancing_scope="global_batch"` it keeps `step_expert_counts`, `[E]` routed choices per expert summed over
-    the micro-batches and processes of the current optimizer step (see `end_balancing_step`).
+    The projection runs in `config.router_dtype` whatever the model's dtype ("selective precision"). In training it
+    keeps `step_expert_counts`, `[E]` routed choices per expert summed over the micro-batches and processes of the
+    current optimizer step, which the global-batch load-balancing loss and the expert bias read (see
+    `end_balancing_step`). With `config.router_expert_bias` it holds `expert_bias`, `[E]` float32, added to the
+    probabilities for choosing experts only; a model cast to a lower precision casts it too (Trainer's mixed
+    precision keeps it in float32).
     """
 
     def __init__(self, config: SwitchConfig):
@@ -280,6 +283,8 @@ class SwitchRouter(nn.Module):
         self.classifier = nn.Linear(config.d_model, config.num_experts, bias=config.router_bias)
         # Integer counts: a model cast to bfloat16 would round float counts above 256.
         self.register_buffer("step_expert_counts", torch.zeros(config.num_experts, dtype=torch.long), persistent=False)
+        if config.router_expert_bias:
+            self.register_buffer("expert_bias", torch.zeros(config.num_experts, dtype=torch.float32))
 
     def forward(self, hidden_states, token_mask, causal=False, past_expert_index=None) -> RouterDecision:
         """Route a batch.
@@ -301,7 +306,12 @@ class SwitchRouter(nn.Module):
         probs = nn.functional.softmax(logits, dim=-1, dtype=router_dtype)
 
         top_k = self.config.router_top_k
-        expert_weight, expert_index = torch.topk(probs, top_k, dim=-1)
+        if self.config.router_expert_bias:
+            # The bias picks the experts; the gates stay the unbiased probabilities, so it never enters a gradient.
+            expert_index = torch.topk(probs + self.expert_bias.to(router_dtype), top_k, dim=-1).indices
+            expert_weight = probs.gather(-1, expert_index)
+        else:
+            expert_weight, expert_index = torch.topk(probs, top_k, dim=-1)
         if top_k > 1:
             expert_weight = expert_weight / expert_weight.sum(dim=-1, keepdim=True)
 
@@ -331,14 +341,35 @@ class SwitchRouter(nn.Module):
 
 
 def end_balancing_step(model: nn.Module) -> None:
-    """Close an optimizer step for routing: forget the per-step expert counts of every router in `model`.
+    """Close an optimizer step for routing: move each router's expert bias against the step's load, then forget the
+    per-step expert counts of every router in `model`.
 
     Call it after each optimizer step (the Trainer does, through `training.BalancingStepCallback`), so that the
-    global-batch load-balancing loss counts the micro-batches of one step only.
+    global-batch load-balancing loss counts the micro-batches of one step only and the bias moves once per step. The
+    counts were summed over processes in the forward, so every process moves its bias alike.
     """
     for module in model.modules():
         if isinstance(module, SwitchRouter):
+            if module.config.router_expert_bias:
+                update_expert_bias(module.expert_bias, module.step_expert_counts, module.config.router_bias_update_rate)
             module.step_expert_counts.zero_()
+
+
+def update_expert_bias(expert_bias: torch.Tensor, expert_counts: torch.Tensor, rate: float) -> None:
+    """Auxiliary-loss-free balancing step (Wang et al. 2024): `bias += rate * sign(mean load - load)`, in place.
+
+    The step is centred (as torchtitan's is) so the biases do not drift together: adding one constant to every
+    expert's bias changes no choice. Nothing moves after a step that routed no token.
+
+    Args:
+        expert_bias: `[E]` float bias.
+        expert_counts: `[E]` routed choices per expert over the optimizer step.
+    """
+    if rate == 0 or expert_counts.sum() == 0:
+        return
+    load = expert_counts.to(torch.float32)
+    step = torch.sign(load.mean() - load)
+    expert_bias.add_(rate * (step - step.mean()))
 
 
 def _count_per_expert(expert_index: torch.Tensor, num_experts: int) -> torch.Tensor:

@@ -86,6 +86,7 @@ def _summary(totals: torch.Tensor) -> dict:
         "z_loss": (totals[2] / forwards).item(),
         "dropped_fraction": (totals[3] / forwards).item(),
         "load_max_over_mean": (counts.max() / mean_load).item(),
+        "max_violation": (counts.max() / mean_load - 1).item(),
         "load_cv": (counts.std(unbiased=False) / mean_load).item(),
         "expert_counts": counts.long().tolist(),
     }
@@ -96,8 +97,9 @@ class RoutingDashboardCallback(TrainerCallback):
     """Logs routing health per sparse layer to the Trainer's loggers; plots it when training ends.
 
     At every training log it adds, for each sparse layer (`encoder.1`, `decoder.3`, ...), the mean router aux and
-    z losses, the dropped-token fraction, and the expert load balance (max/mean and coefficient of variation of
-    token counts) since the previous log, summed over processes. At the end it writes `routing_stats.json` (the
+    z losses, the dropped-token fraction, and the expert load balance (max/mean, max violation = max/mean - 1, and
+    coefficient of variation of token counts) since the previous log, summed over processes; with expert biases,
+    their spread (max - min). At the end it writes `routing_stats.json` (the
     per-log history with token counts per expert), `loss_curves.png` and `expert_load.png` to the output dir.
 
     It edits the logs in `on_log`, so it must run before the reporting callbacks: add it with
@@ -107,13 +109,18 @@ class RoutingDashboardCallback(TrainerCallback):
     history: list[dict] = field(default_factory=list)
     _totals: dict[str, _LayerTotals] = field(default_factory=dict)
     _hooks: list = field(default_factory=list)
+    _expert_biases: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         for name, module in model.named_modules():
             if isinstance(module, SwitchStack):
                 stack = name.rsplit(".", 1)[-1]
-                layers = [f"{stack}.{index}" for index, block in enumerate(module.block) if block.is_sparse]
-                self._hooks.append(module.register_forward_hook(self._recorder(layers)))
+                sparse = {f"{stack}.{index}": block for index, block in enumerate(module.block) if block.is_sparse}
+                self._hooks.append(module.register_forward_hook(self._recorder(list(sparse))))
+                if module.config.router_expert_bias:
+                    self._expert_biases.update(
+                        {layer: block.layer[-1].mlp.router.expert_bias for layer, block in sparse.items()}
+                    )
 
     def _recorder(self, layers: list[str]):
         def record(module, inputs, output):
@@ -133,6 +140,9 @@ class RoutingDashboardCallback(TrainerCallback):
         entry = {"step": state.global_step, "layers": {}}
         for layer, layer_totals in zip(layers, totals, strict=True):
             summary = _summary(layer_totals)
+            if layer in self._expert_biases:
+                bias = self._expert_biases[layer]
+                summary["expert_bias_spread"] = (bias.max() - bias.min()).item()
             entry["layers"][layer] = summary
             for name, value in summary.items():
                 if name != "expert_counts":

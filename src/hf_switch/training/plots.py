@@ -26,19 +26,31 @@ def plot_loss_curves(log_history: list[dict], path: Path) -> None:
 
 
 def plot_expert_load(history: list[dict], path: Path) -> None:
-    """One heatmap per sparse layer: each expert's share of the layer's tokens (colour) at each logged step."""
+    """One heatmap per sparse layer of each expert's share of the layer's tokens at each logged step, on one colour
+    scale, then each layer's max violation (max/mean load - 1) and dropped fraction over the same steps."""
     layers = list(history[0]["layers"])
-    figure, axes = plt.subplots(len(layers), 1, figsize=(7, 1.6 * len(layers) + 0.8), squeeze=False)
     steps = [entry["step"] for entry in history]
-    for axis, layer in zip(axes[:, 0], layers, strict=True):
+    shares = {}
+    for layer in layers:
         counts = np.array([entry["layers"][layer]["expert_counts"] for entry in history], dtype=float)
-        shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
-        image = axis.imshow(shares.T, aspect="auto", cmap="viridis", vmin=0, interpolation="nearest")
+        shares[layer] = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    top_share = max(share.max() for share in shares.values())
+    figure, axes = plt.subplots(len(layers) + 2, 1, figsize=(7, 1.6 * len(layers) + 4.0), squeeze=False)
+    for axis, layer in zip(axes[: len(layers), 0], layers, strict=True):
+        image = axis.imshow(
+            shares[layer].T, aspect="auto", cmap="viridis", vmin=0, vmax=top_share, interpolation="nearest"
+        )
         axis.set_ylabel(layer, rotation=0, ha="right", fontsize=8)
         axis.set_xticks(range(len(steps)), [str(step) for step in steps], fontsize=6)
-        figure.colorbar(image, ax=axis, fraction=0.02)
+    figure.colorbar(image, ax=axes[: len(layers), 0].tolist(), fraction=0.02, label="share of tokens")
+    for axis, key in zip(axes[len(layers) :, 0], ("max_violation", "dropped_fraction"), strict=True):
+        for layer in layers:
+            axis.plot([entry["layers"][layer][key] for entry in history], marker=".", label=layer)
+        axis.set_xlim(-0.5, len(steps) - 0.5)
+        axis.set_xticks(range(len(steps)), [str(step) for step in steps], fontsize=6)
+        axis.set_ylabel(key.replace("_", " "), fontsize=8)
+        axis.legend(fontsize=6, ncol=len(layers))
     axes[-1, 0].set_xlabel("step")
-    figure.suptitle("expert load (share of tokens) per sparse layer")
-    figure.tight_layout()
+    figure.suptitle("expert load per sparse layer")
     figure.savefig(path, dpi=120)
     plt.close(figure)
