@@ -1,35 +1,43 @@
-"""Routing choices side by side: one MoE layer, the same weights and tokens, routed per sequence or per batch.
+"""Routing choices side by side: one MoE layer, the same weights and tokens, routed per sequence or per batch, and
+per batch with the auxiliary-loss-free expert bias.
 
-Every variant is hf_switch's `SwitchSparseMLP` in training mode; only `SwitchConfig.routing_group` differs. Two
-comparisons: the whole layer (routing, experts, router losses), whose expert work also changes with the number of
-tokens each grouping keeps, and the router alone (scores, queues, capacity and losses), which is what grouping costs.
+Every variant is hf_switch's `SwitchSparseMLP` in training mode; only `SwitchConfig.routing_group` and
+`router_expert_bias` differ. Two comparisons: the whole layer (routing, experts, router losses), whose expert work also
+changes with the number of tokens each grouping keeps, and the router alone (scores, queues, capacity and losses),
+which is what grouping costs. The bias variant also pays what the model pays for it per step: counting the step's
+choices per expert and the bias update (`end_balancing_step`).
 """
 
 import torch
 
 from hf_switch import SwitchConfig
 from hf_switch.modeling_switch import SwitchSparseMLP
-from hf_switch.routing import routing_stats
+from hf_switch.routing import chosen_expert_counts, end_balancing_step, routing_stats
 
 from .layer import LayerCase
 from .timing import compare
 
-ROUTING_GROUPS = ("sequence", "batch", 256)
+VARIANTS = {
+    "group=sequence": dict(routing_group="sequence"),
+    "group=batch": dict(routing_group="batch"),
+    "group=256": dict(routing_group=256),
+    "group=batch+bias": dict(routing_group="batch", router_expert_bias=True),
+}
 
 
 def _layers(case: LayerCase) -> dict[str, SwitchSparseMLP]:
     layers = {}
-    for group in ROUTING_GROUPS:
-        torch.manual_seed(0)  # the same weights for every grouping
+    for name, routing in VARIANTS.items():
+        torch.manual_seed(0)  # the same weights for every variant
         config = SwitchConfig(
             d_model=case.d_model,
             d_ff=case.d_ff,
             num_experts=case.num_experts,
             capacity_factor=case.capacity_factor,
-            routing_group=group,
             dropout_rate=0.0,
+            **routing,
         )
-        layers[f"group={group}"] = SwitchSparseMLP(config).train()
+        layers[name] = SwitchSparseMLP(config).train()
     return layers
 
 
@@ -53,6 +61,9 @@ def routing_variants(case: LayerCase, backward: bool, router_only: bool) -> dict
                 stats = routing_stats(decision)
                 if backward:
                     (total + stats.aux_loss + stats.z_loss).backward()
+            if layer.router.config.router_expert_bias:
+                layer.router.step_expert_counts += chosen_expert_counts(decision)
+                end_balancing_step(layer)
             for parameter in layer.parameters():
                 parameter.grad = None
             hidden.grad = None

@@ -2,7 +2,7 @@
 
     python scripts/headline.py train ROOT [--tasks translate span] [--runs t5 switch-8 ...]
         [--seeds 0 1 2] [--steps 3000] [--parallel 2]
-    python scripts/headline.py report ROOT OUT     # tables (stdout, OUT/headline.json) and one PNG per task
+    python scripts/headline.py report ROOT OUT [--name headline]   # tables (stdout, OUT/NAME.json), one PNG per task
 
 Tasks, from ../shared/data: "translate", one model translating Multi30k English into German, French and Czech (a
 target-language prefix on the source); "span", T5 span-corruption pretraining on NTREX-128 (about 115 languages).
@@ -28,6 +28,11 @@ LANGUAGES = {"de": "German", "fr": "French", "cs": "Czech"}
 RUNS = {
     "t5": ["--architecture", "t5"],
     **{f"switch-{e}": ["--config_overrides", f"num_experts={e}"] for e in (2, 8, 32)},
+    # Balancing methods (issue 23): the auxiliary-loss-free expert bias alone, and with a tiny aux loss (DeepSeek-V3).
+    "switch-8-bias": ["--config_overrides", "num_experts=8,router_expert_bias=True,router_aux_loss_coef=0"],
+    "switch-8-bias-aux": ["--config_overrides", "num_experts=8,router_expert_bias=True,router_aux_loss_coef=1e-4"],
+    # Expert choice in the encoder at the compute of top-1 (capacity factor 1.0); the decoder keeps the aux loss.
+    "switch-8-ec": ["--config_overrides", "num_experts=8,encoder_router_type=experts_choose"],
 }
 COMMON = [
     "--preset", "mini", "--per_device_train_batch_size", "32", "--per_device_eval_batch_size", "128",
@@ -164,22 +169,38 @@ def summarize(run: Path) -> dict:
     history = _history(run)
     evals = [entry for entry in history if "eval_loss" in entry]
     routing = run / "routing_stats.json"
-    dropped = {}
-    if routing.exists():
-        last = json.loads(routing.read_text())["history"][-1]["layers"]
-        dropped = {layer: round(stats["dropped_fraction"], 4) for layer, stats in last.items()}
+    last = json.loads(routing.read_text())["history"][-1]["layers"] if routing.exists() else {}
     scores = run / "test_scores.json"
     return {
         "steps": [entry["step"] for entry in evals],
         "eval_loss": [entry["eval_loss"] for entry in evals],
         "train_seconds": [entry.get("train_seconds") for entry in evals],
         "finished": (run / "eval_results.json").exists(),
-        "dropped_fraction": dropped,
+        "dropped_fraction": {layer: round(stats["dropped_fraction"], 4) for layer, stats in last.items()},
+        "max_violation": {layer: round(stats["load_max_over_mean"] - 1, 4) for layer, stats in last.items()},
         "test_scores": json.loads(scores.read_text()) if scores.exists() else None,
     }
 
 
-def report(root: Path, out: Path) -> None:
+def _by_run(summaries: dict) -> dict[str, dict[str, dict]]:
+    """`{run: {seed: summary}}` from `{"run-seedN": summary}`."""
+    runs: dict[str, dict[str, dict]] = {}
+    for name, summary in summaries.items():
+        run, seed = name.rsplit("-seed", 1)
+        runs.setdefault(run, {})[seed] = summary
+    return runs
+
+
+def _seed_curves(seeds: dict[str, dict], key: str) -> tuple[list[int], np.ndarray]:
+    """Steps every seed has logged and `[seeds, steps]` values of `key` at them."""
+    steps = sorted(set.intersection(*(set(summary["steps"]) for summary in seeds.values())))
+    values = [
+        [dict(zip(summary["steps"], summary[key], strict=True))[step] for step in steps] for summary in seeds.values()
+    ]
+    return steps, np.array(values, dtype=float)
+
+
+def report(root: Path, out: Path, name: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -194,23 +215,29 @@ def report(root: Path, out: Path) -> None:
         if not results[task]:
             continue
         figure, (by_step, by_time) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-        for name, summary in results[task].items():
-            by_step.plot(summary["steps"], summary["eval_loss"], marker=".", label=name)
-            by_time.plot(summary["train_seconds"], summary["eval_loss"], marker=".", label=name)
+        for run, seeds in _by_run(results[task]).items():
+            steps, losses = _seed_curves(seeds, "eval_loss")
+            seconds = _seed_curves(seeds, "train_seconds")[1].mean(axis=0)
+            label = f"{run} ({len(seeds)} seed{'s' if len(seeds) > 1 else ''})"
+            for axis, x in ((by_step, steps), (by_time, seconds)):
+                line = axis.plot(x, losses.mean(axis=0), marker=".", label=label)[0]
+                if len(seeds) > 1:
+                    axis.fill_between(x, losses.min(axis=0), losses.max(axis=0), color=line.get_color(), alpha=0.2)
         by_step.set_xlabel("step")
         by_time.set_xlabel("training seconds (one thread, two runs at a time)")
-        by_step.set_ylabel("validation loss")
+        by_step.set_ylabel("validation loss (mean over seeds; band: min-max)")
         by_step.legend(fontsize=8)
-        figure.suptitle(f"{task}: validation loss, Switch vs T5 (mini dims)")
+        figure.suptitle(f"{task}: validation loss (mini dims)")
         figure.tight_layout()
-        figure.savefig(out / f"headline_{task}.png", dpi=120)
+        figure.savefig(out / f"{name}_{task}.png", dpi=120)
         plt.close(figure)
         _print_table(task, results[task])
-    (out / "headline.json").write_text(json.dumps(results, indent=1))
+        _print_seed_table(task, _by_run(results[task]))
+    (out / f"{name}.json").write_text(json.dumps(results, indent=1))
 
 
 def _print_table(task: str, runs: dict) -> None:
-    print(f"\n{task}\n| run | steps | final eval loss | s/step | steps to T5's final loss | dropped (last log) |")
+    print(f"\n{task}\n| run | steps | final eval loss | s/step | steps to T5's final loss | dropped % (last log) |")
     print("|---|---|---|---|---|---|")
     for name, summary in runs.items():
         seed = name.rsplit("-seed", 1)[1]
@@ -228,6 +255,30 @@ def _print_table(task: str, runs: dict) -> None:
         )
 
 
+def _print_seed_table(task: str, runs: dict[str, dict[str, dict]]) -> None:
+    """Means over seeds (and the min-max of the final loss): loss, test BLEU/chrF, load balance per layer."""
+    print(
+        f"\n{task}, over seeds\n| run | seeds | final eval loss, mean (min-max) | BLEU | chrF | s/step | "
+        "dropped % per layer | max violation per layer |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for run, seeds in runs.items():
+        finals = np.array([summary["eval_loss"][-1] for summary in seeds.values()])
+        scores = [summary["test_scores"]["all"] for summary in seeds.values() if summary["test_scores"]]
+        bleu = f"{np.mean([score['bleu'] for score in scores]):.2f}" if scores else "-"
+        chrf = f"{np.mean([score['chrf'] for score in scores]):.1f}" if scores else "-"
+        per_step = np.mean([summary["train_seconds"][-1] / summary["steps"][-1] for summary in seeds.values()])
+        columns = []
+        for key, scale in (("dropped_fraction", 100), ("max_violation", 1)):
+            per_seed = [summary[key] for summary in seeds.values() if summary[key]]
+            means = [scale * np.mean([values[layer] for values in per_seed]) for layer in (per_seed or [{}])[0]]
+            columns.append(", ".join(f"{value:.2f}" for value in means) or "-")
+        print(
+            f"| {run} | {len(seeds)} | {finals.mean():.3f} ({finals.min():.3f}-{finals.max():.3f}) | {bleu} | {chrf} | "
+            f"{per_step:.3f} | {columns[0]} | {columns[1]} |"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -241,12 +292,13 @@ def main() -> None:
     summary = commands.add_parser("report")
     summary.add_argument("root", type=Path)
     summary.add_argument("out", type=Path)
+    summary.add_argument("--name", default="headline", help="file names: OUT/NAME_TASK.png, OUT/NAME.json")
     score = commands.add_parser("score", help="score one finished translate run (train does this)")
     score.add_argument("run", type=Path)
     score.add_argument("data", type=Path)
     args = parser.parse_args()
     if args.command == "report":
-        return report(args.root, args.out)
+        return report(args.root, args.out, args.name)
     if args.command == "score":
         return score_translation(args.run, args.data)
     for task in args.tasks:

@@ -9,6 +9,7 @@ FEED_FORWARD_PROJECTIONS = ("relu", "gelu", "gated-relu", "gated-gelu", "gated-s
 ROUTER_DTYPES = ("float32", "float16", "bfloat16")
 ROUTING_GROUPS = ("sequence", "batch")
 LOAD_BALANCING_SCOPES = ("group", "global_batch")
+ROUTER_TYPES = ("tokens_choose", "experts_choose")
 
 
 def require(condition: bool, name: str, value, allowed: str, owner: str = "") -> None:
@@ -68,7 +69,18 @@ class SwitchConfig(PreTrainedConfig):
         eval_capacity_factor: The same in evaluation (`model.eval()`, `generate()`); `None` (the default) routes
             without dropping, so outputs do not depend on the batch.
         min_expert_capacity: Lower bound on the capacity a factor gives.
-        router_top_k: Number of experts each token is sent to (1 in the paper).
+        router_top_k: Number of experts each token is sent to (1 in the paper), in token-choice layers.
+        encoder_router_type: How the encoder's sparse layers route: "tokens_choose" (each token picks its top-k
+            experts, as in the paper) or "experts_choose" (expert-choice routing, Zhou et al. 2022: each expert takes
+            the tokens of its routing group that score it highest, up to `expert_choice_capacity_factor * n / E`
+            of a group's `n` tokens; balanced by construction, no load-balancing loss or expert bias, and a token
+            that no expert takes passes through the residual as a dropped token does).
+        decoder_router_type: The same for the decoder; only "tokens_choose", since an expert that chooses among a
+            group's tokens sees later positions, which an autoregressive decoder cannot.
+        expert_choice_capacity_factor: Tokens each expert takes in an "experts_choose" layer, as a multiple of the
+            group's balanced share `n / E`; 1.0 gives the compute of top-1 token choice, 2.0 that of top-2. The same in
+            training and evaluation: with groups that span sequences, a sequence's encoding then depends on its batch
+            (`routing_group="sequence"` avoids that).
         router_bias: Whether the router's projection has a bias.
         router_jitter_noise: Width of the multiplicative uniform noise on the router input in training.
         router_dtype: Precision of the router computation ("selective precision" in the paper).
@@ -129,6 +141,9 @@ class SwitchConfig(PreTrainedConfig):
     eval_capacity_factor: float | int | None = None
     min_expert_capacity: int = 4
     router_top_k: int = 1
+    encoder_router_type: str = "tokens_choose"
+    decoder_router_type: str = "tokens_choose"
+    expert_choice_capacity_factor: float | int = 1.0
     router_bias: bool = False
     router_jitter_noise: float | int = 0.01
     # A plain str, validated in validate_switch, so that an error quotes the value (strict's Literal check does not).
@@ -216,6 +231,26 @@ class SwitchConfig(PreTrainedConfig):
             "router_jitter_noise",
             self.router_jitter_noise,
             "a number in [0, 1)",
+        )
+        _require(
+            self.encoder_router_type in ROUTER_TYPES,
+            "encoder_router_type",
+            self.encoder_router_type,
+            f"one of {ROUTER_TYPES}",
+        )
+        _require(
+            self.decoder_router_type == "tokens_choose",
+            "decoder_router_type",
+            self.decoder_router_type,
+            "'tokens_choose': in an 'experts_choose' layer each expert picks among its group's tokens, later "
+            "positions included, which an autoregressive decoder cannot see when it generates (use it for the "
+            "encoder: encoder_router_type)",
+        )
+        _require(
+            math.isfinite(self.expert_choice_capacity_factor) and self.expert_choice_capacity_factor > 0,
+            "expert_choice_capacity_factor",
+            self.expert_choice_capacity_factor,
+            "a finite number > 0",
         )
         _require(self.router_dtype in ROUTER_DTYPES, "router_dtype", self.router_dtype, f"one of {ROUTER_DTYPES}")
         for field in ("router_z_loss_coef", "router_aux_loss_coef", "router_bias_update_rate"):

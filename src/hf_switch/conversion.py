@@ -41,6 +41,10 @@ def transformers_config_from_switch(config: SwitchConfig) -> SwitchTransformersC
     unsupported = {
         "feed_forward_proj": (config.is_gated_act, "a non-gated activation (transformers' experts are not gated)"),
         "router_top_k": (config.router_top_k != 1, "1 (transformers routes top-1 only)"),
+        "encoder_router_type": (
+            config.encoder_router_type != "tokens_choose",
+            "'tokens_choose' (transformers' routers are token-choice)",
+        ),
         "routing_group": (config.routing_group != "sequence", "'sequence' (transformers routes each sequence alone)"),
         "expert_capacity": (
             config.expert_capacity is None,

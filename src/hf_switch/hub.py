@@ -367,7 +367,13 @@ def describe_balancing(config: SwitchConfig) -> str:
         methods.append(
             f"per-expert selection bias (auxiliary-loss-free, step {config.router_bias_update_rate} per optimizer step)"
         )
-    return " + ".join(methods) or "none"
+    token_choice = " + ".join(methods) or "none"
+    if config.encoder_router_type == "experts_choose":
+        return (
+            f"encoder: expert choice, balanced by construction (each expert takes "
+            f"{config.expert_choice_capacity_factor} x its share of a routing group's tokens); decoder: {token_choice}"
+        )
+    return token_choice
 
 
 @dataclass

@@ -357,7 +357,7 @@ class SwitchPreTrainedModel(PreTrainedModel):
             if module.classifier.bias is not None:
                 init.zeros_(module.classifier.bias)
             init.zeros_(module.step_expert_counts)
-            if module.config.router_expert_bias:
+            if module.uses_expert_bias:
                 init.zeros_(module.expert_bias)
         elif isinstance(module, T5Attention):
             key_value_proj_dim, n_heads = self.config.d_kv, self.config.num_heads

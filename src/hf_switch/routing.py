@@ -1,4 +1,5 @@
-"""Top-k token-choice routing: the router module, routing groups, expert capacity, and the router losses.
+"""Routing: the router module (top-k token choice, or expert choice), routing groups, expert capacity, the router
+losses, and the auxiliary-loss-free expert bias.
 
 Shapes: `B` batch, `T` tokens per sequence, `E` experts, `k` experts per token, `G` routing groups of `N` tokens.
 Expert capacity and the load-balancing loss are counted per routing group (`SwitchConfig.routing_group`). The
@@ -88,6 +89,8 @@ class RouterDecision:
         kept: `[B, T, k]` whether the token reaches that expert (a routed token within capacity).
         token_mask: `[B, T]` tokens that take part in routing (all, unless padding is ignored).
         groups: the routing groups capacity and the load-balancing loss were counted over.
+        experts_choose: whether the experts chose the tokens (expert choice): then `k = E`, `expert_index` names
+            every expert at every token and `kept` says which experts took the token.
     """
 
     logits: torch.Tensor
@@ -97,6 +100,7 @@ class RouterDecision:
     kept: torch.Tensor
     token_mask: torch.Tensor
     groups: RoutingGroups
+    experts_choose: bool = False
 
 
 @dataclass
@@ -108,7 +112,8 @@ class RoutingStats:
         z_loss: scalar router z-loss (mean squared log-partition of the logits).
         router_logits: `[B, T, E]` raw router logits.
         expert_counts: `[E]` token slots each expert filled.
-        dropped_fraction: scalar fraction of routed token slots dropped by capacity.
+        dropped_fraction: scalar fraction of routed token slots dropped by capacity (with expert choice: of routed
+            tokens that no expert took).
     """
 
     aux_loss: torch.Tensor
@@ -183,6 +188,29 @@ def expert_capacity(
     return torch.ceil(balanced_share).long().clamp(min=config.min_expert_capacity)
 
 
+def experts_choose(probs: torch.Tensor, token_mask: torch.Tensor, groups: RoutingGroups, capacity_factor: float):
+    """Expert-choice routing (Zhou et al. 2022): each expert takes the `ceil(capacity_factor * n / E)` tokens of its
+    group (`n` routed tokens) that give it the highest probability. A token may be taken by several experts or none.
+
+    Args:
+        probs: `[B, T, E]` router probabilities.
+        token_mask: `[B, T]` tokens that take part in routing; no expert takes the others.
+
+    Returns:
+        `[B, T, E]` bool, whether expert `e` took token `(b, t)`.
+    """
+    num_experts = probs.shape[-1]
+    mask = groups.gather(token_mask)
+    tokens = mask.sum(dim=1)
+    capacity = torch.minimum(torch.ceil(tokens.double() * (capacity_factor / num_experts)).long(), tokens)
+    scores = groups.gather(probs).masked_fill(~mask[:, :, None], -math.inf).transpose(1, 2)
+    taken = min(int(capacity.max()), scores.shape[-1])
+    chosen = torch.topk(scores, taken, dim=-1).indices
+    within_capacity = torch.arange(taken, device=probs.device) < capacity[:, None, None]
+    kept = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, chosen, within_capacity.expand_as(chosen))
+    return groups.scatter(kept.transpose(1, 2)) & token_mask[:, :, None]
+
+
 def load_balancing_loss(probs: torch.Tensor, expert_index: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
     """Switch load-balancing loss `E * sum_e f_e * P_e`, per routing group and averaged over groups.
 
@@ -234,8 +262,10 @@ def router_z_loss(logits: torch.Tensor, token_mask: torch.Tensor) -> torch.Tenso
 
 
 def chosen_expert_counts(decision: RouterDecision) -> torch.Tensor:
-    """`[E]` routed (token, choice) pairs that chose each expert, before capacity."""
-    return torch.bincount(decision.expert_index[decision.token_mask].flatten(), minlength=decision.probs.shape[-1])
+    """`[E]` routed (token, choice) pairs that chose each expert, before capacity (with expert choice: the tokens
+    each expert took)."""
+    chosen = decision.kept if decision.experts_choose else decision.token_mask
+    return torch.bincount(decision.expert_index[chosen].flatten(), minlength=decision.probs.shape[-1])
 
 
 def routing_stats(decision: RouterDecision, expert_fraction: torch.Tensor | None = None) -> RoutingStats:
@@ -250,7 +280,12 @@ def routing_stats(decision: RouterDecision, expert_fraction: torch.Tensor | None
     kept_experts = decision.expert_index[decision.kept]
     expert_counts = torch.bincount(kept_experts, minlength=num_experts)
     dropped = (routed & ~decision.kept).sum().to(torch.float32)
-    if expert_fraction is None:
+    if decision.experts_choose:
+        # Balanced by construction: no load-balancing loss. A dropped token is one that no expert took.
+        routed = decision.token_mask
+        dropped = (routed & ~decision.kept.any(dim=-1)).sum().to(torch.float32)
+        aux_loss = decision.probs.new_zeros((), dtype=torch.float32)
+    elif expert_fraction is None:
         groups = decision.groups
         aux_loss = load_balancing_loss(
             groups.gather(decision.probs), groups.gather(decision.expert_index), groups.gather(decision.token_mask)
@@ -281,9 +316,12 @@ class SwitchRouter(nn.Module):
         super().__init__()
         self.config = config
         self.classifier = nn.Linear(config.d_model, config.num_experts, bias=config.router_bias)
+        self.experts_choose = not config.is_decoder and config.encoder_router_type == "experts_choose"
         # Integer counts: a model cast to bfloat16 would round float counts above 256.
         self.register_buffer("step_expert_counts", torch.zeros(config.num_experts, dtype=torch.long), persistent=False)
-        if config.router_expert_bias:
+        # An expert's bias is the same for all tokens, so it cannot change which tokens that expert chooses.
+        self.uses_expert_bias = config.router_expert_bias and not self.experts_choose
+        if self.uses_expert_bias:
             self.register_buffer("expert_bias", torch.zeros(config.num_experts, dtype=torch.float32))
 
     def forward(self, hidden_states, token_mask, causal=False, past_expert_index=None) -> RouterDecision:
@@ -305,8 +343,14 @@ class SwitchRouter(nn.Module):
         logits = nn.functional.linear(router_input, self.classifier.weight.to(router_dtype), bias)
         probs = nn.functional.softmax(logits, dim=-1, dtype=router_dtype)
 
+        groups = RoutingGroups(self.config.routing_group, *token_mask.shape)
+        if self.experts_choose:
+            kept = experts_choose(probs, token_mask, groups, self.config.expert_choice_capacity_factor)
+            every_expert = torch.arange(self.config.num_experts, device=probs.device).expand_as(probs)
+            return RouterDecision(logits, probs, every_expert, probs, kept, token_mask, groups, experts_choose=True)
+
         top_k = self.config.router_top_k
-        if self.config.router_expert_bias:
+        if self.uses_expert_bias:
             # The bias picks the experts; the gates stay the unbiased probabilities, so it never enters a gradient.
             expert_index = torch.topk(probs + self.expert_bias.to(router_dtype), top_k, dim=-1).indices
             expert_weight = probs.gather(-1, expert_index)
@@ -315,7 +359,6 @@ class SwitchRouter(nn.Module):
         if top_k > 1:
             expert_weight = expert_weight / expert_weight.sum(dim=-1, keepdim=True)
 
-        groups = RoutingGroups(self.config.routing_group, *token_mask.shape)
         past_counts = past_tokens = None
         if past_expert_index is not None:
             if isinstance(groups.spec, int) and self._drops_tokens():
@@ -350,7 +393,7 @@ def end_balancing_step(model: nn.Module) -> None:
     """
     for module in model.modules():
         if isinstance(module, SwitchRouter):
-            if module.config.router_expert_bias:
+            if module.uses_expert_bias:
                 update_expert_bias(module.expert_bias, module.step_expert_counts, module.config.router_bias_update_rate)
             module.step_expert_counts.zero_()
 

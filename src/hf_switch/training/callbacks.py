@@ -117,10 +117,10 @@ class RoutingDashboardCallback(TrainerCallback):
                 stack = name.rsplit(".", 1)[-1]
                 sparse = {f"{stack}.{index}": block for index, block in enumerate(module.block) if block.is_sparse}
                 self._hooks.append(module.register_forward_hook(self._recorder(list(sparse))))
-                if module.config.router_expert_bias:
-                    self._expert_biases.update(
-                        {layer: block.layer[-1].mlp.router.expert_bias for layer, block in sparse.items()}
-                    )
+                routers = {layer: block.layer[-1].mlp.router for layer, block in sparse.items()}
+                self._expert_biases.update(
+                    {layer: router.expert_bias for layer, router in routers.items() if router.uses_expert_bias}
+                )
 
     def _recorder(self, layers: list[str]):
         def record(module, inputs, output):
