@@ -1,5 +1,6 @@
+import pytest
 import torch
-from conftest import random_batch, reference_model
+from conftest import random_batch, reference_model, tiny_model
 from transformers import SwitchTransformersForConditionalGeneration
 
 from hf_switch import SwitchForConditionalGeneration
@@ -28,8 +29,21 @@ def test_convert_round_trips_through_both_layouts(tmp_path):
 
 
 def test_bad_arguments_exit_with_usage(capsys):
-    import pytest
-
     with pytest.raises(SystemExit):
         main(["convert", "a", "b", "--to", "onnx"])
     assert "invalid choice: 'onnx'" in capsys.readouterr().err
+
+
+def test_convert_to_transformers_of_a_batch_routed_dropless_model_takes_an_expert_capacity(tmp_path, capsys):
+    model = tiny_model(routing_group="batch", capacity_factor=None, router_ignore_padding_tokens=True)
+    model.save_pretrained(tmp_path / "ours")
+    command = ["convert", str(tmp_path / "ours"), str(tmp_path / "theirs"), "--to", "transformers"]
+    with pytest.raises(SystemExit):
+        main(command)
+    assert "hf-switch convert --expert_capacity N" in capsys.readouterr().err
+    main([*command, "--expert_capacity", "16"])
+    assert "routes each sequence alone with 16 slots per expert" in capsys.readouterr().out
+    theirs = SwitchTransformersForConditionalGeneration.from_pretrained(tmp_path / "theirs").eval()
+    batch = random_batch()  # no padding, 11 and 9 tokens: a capacity of 16 drops nothing, as our evaluation
+    with torch.no_grad():
+        assert (theirs(**batch).logits - model(**batch).logits).abs().max() < 1e-5

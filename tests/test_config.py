@@ -103,3 +103,19 @@ def test_transformers_config_with_zero_sparse_layers_keeps_what_transformers_bui
     # transformers' "zero sparse layers" still places one, at index 1; the translation must say so.
     config = switch_config_from_transformers(SwitchTransformersConfig(num_layers=4, num_sparse_encoder_layers=0))
     assert config.sparse_encoder_layers == [1]
+
+
+@pytest.mark.parametrize(
+    ("depths", "encoder", "decoder"),
+    [
+        ((2, None), [1], [1]),
+        ((12, None), [1, 3, 5, 7, 9, 11], [1, 3, 5, 7, 9, 11]),
+        ((4, 2), [1, 3], [1]),
+        ((1, 3), [0], [1]),
+    ],
+)
+def test_sparse_layers_default_to_every_other_layer_of_the_configured_depth(depths, encoder, decoder):
+    config = SwitchConfig(num_layers=depths[0], num_decoder_layers=depths[1])
+    assert (config.sparse_encoder_layers, config.sparse_decoder_layers) == (encoder, decoder)
+    reloaded = SwitchConfig.from_dict(config.to_dict())
+    assert (reloaded.num_sparse_encoder_layers, reloaded.num_sparse_decoder_layers) == (len(encoder), len(decoder))

@@ -1,9 +1,12 @@
 """Reliability battery, command line: arguments that do not fit end in an argparse usage error (exit status 2) or in
-one of our named errors, never in a traceback from deep inside a library.
+one line naming the problem (exit status 2, the traceback with --debug), never in a traceback from deep inside a
+library.
 
 More cases: tests/test_cli.py (a bad --to), tests/test_training.py::test_bad_arguments_name_what_is_wrong (train's
 data and config flags) and tests/test_hub.py (publish).
 """
+
+import re
 
 import pytest
 from conftest import tiny_model, tiny_t5
@@ -23,23 +26,38 @@ USAGE_ERRORS = {
     "publish_without_repo_id": (["publish", "{model}"], "the following arguments are required: --repo-id"),
     "train_non_integer_steps": (["train", "--max_steps", "ten"], "invalid int value: 'ten'"),
     "train_unknown_choice": (["train", "--objective", "translation"], "invalid choice: 'translation'"),
+    "train_unknown_flag": (["train", "--no_such_flag", "1"], "unrecognized argument --no_such_flag"),
+    "train_abbreviated_flag": (
+        ["train", "--max_step", "5"],
+        "unrecognized argument --max_step; did you mean --max_steps",
+    ),
 }
+# Arguments that parse but do not fit: one line naming the problem, exit status 2, the original error with --debug.
 NAMED_ERRORS = {
     "convert_a_bert_folder": (
         ["convert", "{bert}", "{out}", "--to", "hf_switch"],
         ValueError,
         "model_type='bert', but SwitchConfig loads",
     ),
-    "upcycle_zero_experts": (["upcycle", "{t5}", "{out}", "--num_experts", "0"], Exception, "num_experts=0"),
+    "convert_a_folder_that_is_not_a_model": (
+        ["convert", "{tmp}", "{out}", "--to", "hf_switch"],
+        FileNotFoundError,
+        "holds no config.json",
+    ),
+    "upcycle_zero_experts": (
+        ["upcycle", "{t5}", "{out}", "--num_experts", "0"],
+        Exception,
+        "SwitchConfig.num_experts=0 is invalid",
+    ),
     "upcycle_unknown_override": (
         ["upcycle", "{t5}", "{out}", "--config_overrides", "experts=2"],
         ValueError,
-        "'experts=2' is not 'field=value'",
+        "'experts' is not a SwitchConfig field; did you mean num_experts",
     ),
-    "train_unknown_flag": (
-        ["train", "--no_such_flag", "1"],
-        ValueError,
-        r"not used by the HfArgumentParser: \['--no_such",
+    "train_from_a_mistyped_local_folder": (
+        ["train", "--model_name_or_path", "{tmp}/modle"],
+        FileNotFoundError,
+        "--model_name_or_path: no folder at '{tmp}/modle'",
     ),
 }
 
@@ -68,11 +86,26 @@ def test_arguments_that_do_not_parse_end_in_a_usage_error(case, folders, tmp_pat
 
 
 @pytest.mark.parametrize("case", sorted(NAMED_ERRORS))
-def test_arguments_that_parse_but_do_not_fit_raise_a_named_error(case, folders, tmp_path):
+def test_arguments_that_parse_but_do_not_fit_print_one_named_error_line(case, folders, tmp_path, capsys):
     arguments, error, message = NAMED_ERRORS[case]
-    with pytest.raises(error, match=message):
-        main(_fill(arguments, folders, tmp_path / "out"))
+    arguments = _fill(arguments, folders, tmp_path / "out")
+    with pytest.raises(SystemExit) as raised:
+        main(arguments)
+    assert raised.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-2].startswith(f"hf-switch {arguments[0]}: error: ") and message.format(**folders) in lines[-2]
+    assert "Traceback" not in "\n".join(lines) and lines[-1] == "(run again with --debug for the traceback)"
+    with pytest.raises(error, match=re.escape(message.format(**folders))):
+        main([*arguments, "--debug"])
     assert not (tmp_path / "out").exists()
+
+
+def test_a_mistyped_relative_folder_is_not_taken_for_a_hub_id(folders, tmp_path, monkeypatch, capsys):
+    (tmp_path / "outputs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        main(["convert", "outputs/hf-swich", "out", "--to", "hf_switch"])
+    assert "no folder at 'outputs/hf-swich' ('outputs' is a local folder" in capsys.readouterr().err
 
 
 def test_publish_problems_exit_with_the_command_and_the_reason(folders, tmp_path):

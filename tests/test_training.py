@@ -137,7 +137,8 @@ def test_from_scratch_defaults_apply_to_presets_only_and_flags_override_them(tex
         (["--objective", "seq2seq"], ValueError, "no column 'source'"),
         (["--train_source_file", "a.txt"], ValueError, "must be given together"),
         (["--preset", "huge"], ValueError, "--preset='huge'"),
-        (["--config_overrides", "experts=3"], ValueError, "'experts=3' is not 'field=value'"),
+        (["--config_overrides", "experts=3"], ValueError, "'experts' is not a SwitchConfig field; did you mean"),
+        (["--config_overrides", "num_experts"], ValueError, "'num_experts' is not 'field=value'"),
         (["--config_overrides", "num_experts=0"], Exception, "num_experts"),
     ],
 )

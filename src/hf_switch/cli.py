@@ -3,9 +3,11 @@
 import argparse
 import importlib
 import importlib.metadata
-import re
+import os
 import sys
 from pathlib import Path
+
+from huggingface_hub.errors import StrictDataclassClassValidationError
 
 # Commands whose flags are transformers' HfArgumentParser dataclasses: their arguments are handed over untouched.
 TRAINING_COMMANDS = {
@@ -22,6 +24,8 @@ TRAINING_COMMANDS = {
         "--distill_alpha, --distill_temperature, --student_*",
     ),
 }
+# Mistakes in what the user asked for, as opposed to failures of the library: one line, exit status 2.
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, StrictDataclassClassValidationError)
 PACKAGES = ("torch", "transformers", "accelerate", "peft", "datasets", "evaluate", "safetensors", "huggingface_hub")
 
 
@@ -44,17 +48,25 @@ def _info(_: argparse.Namespace) -> None:
 
 def _convert(arguments: argparse.Namespace) -> None:
     from hf_switch import SwitchForConditionalGeneration, save_as_switch_transformers
+    from hf_switch.training.arguments import check_model_folder_or_hub_id
 
     if Path(arguments.source, "latest").is_file():  # a DeepSpeed checkpoint: experts in per-expert files
         from hf_switch.expert_parallel import load_deepspeed_checkpoint
 
         model = load_deepspeed_checkpoint(arguments.source, arguments.config)
     elif arguments.config is not None:
-        raise SystemExit(f"hf-switch convert: --config is for DeepSpeed checkpoints; {arguments.source} is not one.")
+        raise ValueError(f"--config is for DeepSpeed checkpoints; {arguments.source} is not one.")
     else:
-        model = SwitchForConditionalGeneration.from_pretrained(arguments.source)
+        model = SwitchForConditionalGeneration.from_pretrained(check_model_folder_or_hub_id(arguments.source, "source"))
     if arguments.to == "transformers":
-        save_as_switch_transformers(model, arguments.destination)
+        save_as_switch_transformers(model, arguments.destination, expert_capacity=arguments.expert_capacity)
+        if arguments.expert_capacity is not None:
+            print(
+                f"transformers' router routes each sequence alone with {arguments.expert_capacity} slots per expert "
+                "and routes padding; a sequence longer than that can drop tokens this model would have kept."
+            )
+    elif arguments.expert_capacity is not None:
+        raise ValueError("--expert_capacity is for --to transformers; an hf_switch folder keeps the model's routing.")
     else:
         model.save_pretrained(arguments.destination)
     print(f"wrote {arguments.to} layout to {arguments.destination}")
@@ -112,9 +124,12 @@ def _publish(arguments: argparse.Namespace) -> None:
 
 def _folder_or_hub_id(text: str) -> str:
     """A local folder or a Hub id (`name` or `org/name`): a path to nothing is a usage error, not a failed download."""
-    if Path(text).is_dir() or (re.fullmatch(r"[\w.-]+(/[\w.-]+)?", text) and not text.startswith(".")):
-        return text
-    raise argparse.ArgumentTypeError(f"no folder at {text!r}, and it is not a Hub id such as 'google/switch-base-8'")
+    from hf_switch.training.arguments import check_folder_or_hub_id
+
+    try:
+        return check_folder_or_hub_id(text, "the folder")
+    except FileNotFoundError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,6 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--to", required=True, choices=("transformers", "hf_switch"), help="the layout to write")
     convert.add_argument(
         "--config", help="a DeepSpeed checkpoint's model config: a folder or config.json (default: the checkpoint's)"
+    )
+    convert.add_argument(
+        "--expert_capacity",
+        type=int,
+        help="with --to transformers: slots per expert and sequence for a model trained with batch routing groups, "
+        "capacity factors or dropless routing, which transformers cannot express (a value of at least the longest "
+        "sequence drops nothing)",
     )
     convert.set_defaults(run=_convert)
 
@@ -174,14 +196,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _user_error_message(error: Exception) -> str:
+    # huggingface_hub's strict dataclasses wrap a config field's ValueError; the field's own message is the news.
+    cause = error.__cause__ if isinstance(error, StrictDataclassClassValidationError) else None
+    return str(cause or error).strip()
+
+
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in TRAINING_COMMANDS:
-        module, function, _ = TRAINING_COMMANDS[argv[0]]
-        getattr(importlib.import_module(module), function)(argv[1:])
-        return
-    arguments = build_parser().parse_args(argv)
-    arguments.run(arguments)
+    """Run one command. A user error (bad value, missing file, invalid config field) prints one line and exits with
+    status 2; `--debug` or `HF_SWITCH_DEBUG=1` shows the traceback instead."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("HF_SWITCH_DEBUG") == "1"
+    argv = [argument for argument in argv if argument != "--debug"]
+    command = argv[0] if argv else ""
+    try:
+        if command in TRAINING_COMMANDS:
+            module, function, _ = TRAINING_COMMANDS[command]
+            getattr(importlib.import_module(module), function)(argv[1:])
+            return
+        arguments = build_parser().parse_args(argv)
+        arguments.run(arguments)
+    except USER_ERRORS as error:
+        if debug:
+            raise
+        print(f"hf-switch {command}: error: {_user_error_message(error)}", file=sys.stderr)
+        print("(run again with --debug for the traceback)", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

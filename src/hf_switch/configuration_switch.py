@@ -55,8 +55,10 @@ class SwitchConfig(PreTrainedConfig):
         num_decoder_layers: Number of decoder layers (defaults to `num_layers`).
         num_heads: Number of attention heads.
         num_experts: Number of experts in each sparse layer.
-        num_sparse_encoder_layers: Number of sparse layers in the encoder (0 for a dense encoder).
-        num_sparse_decoder_layers: Number of sparse layers in the decoder (0 for a dense decoder).
+        num_sparse_encoder_layers: Number of sparse layers in the encoder (0 for a dense encoder); `None` (the
+            default) makes every other layer sparse, `max(1, num_layers // 2)` layers.
+        num_sparse_decoder_layers: Number of sparse layers in the decoder (0 for a dense decoder); `None` (the
+            default) makes every other layer sparse, `max(1, num_decoder_layers // 2)` layers.
         routing_group: What one routing group is, the tokens that expert capacity and the load-balancing loss are
             counted over: "batch" (all tokens of a forward on this rank), "sequence" (each sequence alone:
             transformers' semantics, short sequences get few slots per expert), or a positive integer (groups of
@@ -133,8 +135,8 @@ class SwitchConfig(PreTrainedConfig):
     num_decoder_layers: int | None = None
     num_heads: int = 12
     num_experts: int = 8
-    num_sparse_encoder_layers: int = 6
-    num_sparse_decoder_layers: int = 6
+    num_sparse_encoder_layers: int | None = None
+    num_sparse_decoder_layers: int | None = None
     routing_group: str | int = "batch"
     expert_capacity: int | None = None
     capacity_factor: float | int | None = 1.25
@@ -174,6 +176,11 @@ class SwitchConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         if self.num_decoder_layers is None:
             self.num_decoder_layers = self.num_layers
+        # Every other layer sparse, for whatever depth is configured.
+        if self.num_sparse_encoder_layers is None:
+            self.num_sparse_encoder_layers = max(1, self.num_layers // 2)
+        if self.num_sparse_decoder_layers is None:
+            self.num_sparse_decoder_layers = max(1, self.num_decoder_layers // 2)
         # T5's layer classes read these two derived attributes.
         self.is_gated_act = self.feed_forward_proj.startswith("gated-")
         self.dense_act_fn = (

@@ -11,7 +11,7 @@ from transformers import SwitchTransformersConfig, SwitchTransformersForConditio
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 from transformers.core_model_loading import MergeModulelist, WeightConverter
 
-from .configuration_switch import SwitchConfig
+from .configuration_switch import SwitchConfig, require
 from .modeling_switch import SwitchForConditionalGeneration
 
 
@@ -55,10 +55,19 @@ def transformers_config_from_switch(config: SwitchConfig) -> SwitchTransformersC
             "False (transformers routes padding tokens)",
         ),
     }
+    capacity_fields = ("routing_group", "expert_capacity", "router_ignore_padding_tokens")
     for field, (is_unsupported, allowed) in unsupported.items():
         if is_unsupported:
+            way_out = (
+                " Converting with an absolute capacity per sequence (`save_as_switch_transformers(..., "
+                "expert_capacity=N)`, `hf-switch convert --expert_capacity N`) sets all three of "
+                f"{', '.join(capacity_fields)}."
+                if field in capacity_fields
+                else ""
+            )
             raise ValueError(
-                f"SwitchConfig.{field}={getattr(config, field)!r} has no transformers equivalent: it must be {allowed}."
+                f"SwitchConfig.{field}={getattr(config, field)!r} has no transformers equivalent: it must be "
+                f"{allowed}.{way_out}"
             )
     shared = {
         k: v
@@ -83,13 +92,32 @@ def unstack_experts(state_dict: dict) -> dict:
     return unstacked
 
 
-def save_as_switch_transformers(model: SwitchForConditionalGeneration, save_directory: str | os.PathLike) -> None:
+def save_as_switch_transformers(
+    model: SwitchForConditionalGeneration, save_directory: str | os.PathLike, expert_capacity: int | None = None
+) -> None:
     """Write `model` as a transformers `SwitchTransformersForConditionalGeneration` folder.
 
     The unstacked weights are loaded strictly into transformers' class, so a key or shape that does not fit raises
     instead of being dropped.
+
+    Args:
+        expert_capacity: for a model that transformers' router cannot express as it is (batch routing groups,
+            capacity factors or dropless routing, padding kept out of routing), the absolute capacity per expert and
+            sequence that the converted model gets; it then routes each sequence alone and routes padding, as
+            transformers does. A capacity of at least the longest sequence drops no token.
     """
-    reference = SwitchTransformersForConditionalGeneration(transformers_config_from_switch(model.config))
+    config = model.config
+    if expert_capacity is not None:
+        require(expert_capacity >= 1, "expert_capacity", expert_capacity, "a positive integer")
+        config = SwitchConfig.from_dict(
+            {
+                **config.to_dict(),
+                "expert_capacity": expert_capacity,
+                "routing_group": "sequence",
+                "router_ignore_padding_tokens": False,
+            }
+        )
+    reference = SwitchTransformersForConditionalGeneration(transformers_config_from_switch(config))
     state_dict = model.state_dict()
     expert_biases = [key for key in state_dict if key.endswith(".router.expert_bias")]
     for key in expert_biases:

@@ -353,7 +353,10 @@ def distill_main(argv: list[str] | None = None) -> dict:
     from .training.train import end_training, parse_arguments, run
 
     model_args, data_args, training_args, arguments = parse_arguments(
-        sys.argv[1:] if argv is None else argv, extra=(DistillationArguments,), defaults={"objective": "seq2seq"}
+        sys.argv[1:] if argv is None else argv,
+        extra=(DistillationArguments,),
+        defaults={"objective": "seq2seq"},
+        prog="hf-switch distill",
     )
     if model_args.model_name_or_path is None:
         raise ValueError("hf-switch distill needs the teacher: --model_name_or_path FOLDER (a Switch model).")

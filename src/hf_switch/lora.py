@@ -169,7 +169,10 @@ def finetune_main(argv: list[str] | None = None) -> dict:
     from .training.train import end_training, parse_arguments, run
 
     model_args, data_args, training_args, lora_args = parse_arguments(
-        sys.argv[1:] if argv is None else argv, extra=(LoraArguments,), defaults=FINETUNE_DEFAULTS
+        sys.argv[1:] if argv is None else argv,
+        extra=(LoraArguments,),
+        defaults=FINETUNE_DEFAULTS,
+        prog="hf-switch finetune",
     )
 
     def wrap(model, datasets, collator):

@@ -1,6 +1,9 @@
 """Arguments of `hf-switch train`: model and data dataclasses beside transformers' `Seq2SeqTrainingArguments`."""
 
+import difflib
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from ..configuration_switch import SwitchConfig
@@ -14,6 +17,32 @@ PRESETS: dict[str, dict] = {
     "base-8": dict(d_model=768, d_kv=64, d_ff=3072, num_layers=12, num_heads=12, num_experts=8),
     "base-16": dict(d_model=768, d_kv=64, d_ff=3072, num_layers=12, num_heads=12, num_experts=16),
 }
+
+
+def check_folder_or_hub_id(text: str, name: str) -> str:
+    """`text` if it is a local folder or can be a Hub id (`name` or `org/name`), else a `FileNotFoundError` naming
+    `name`, raised before any Hub call. An `org/name` whose `org` is a local folder is taken for a mistyped path."""
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return text
+    if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", text) or text.startswith("."):
+        raise FileNotFoundError(
+            f"{name}: no folder at {text!r}, and it is not a Hub id such as 'google/switch-base-8'."
+        )
+    if "/" in text and path.parent.is_dir():
+        raise FileNotFoundError(
+            f"{name}: no folder at {text!r} ({str(path.parent)!r} is a local folder, so this is read as a path, not a "
+            "Hub id)."
+        )
+    return text
+
+
+def check_model_folder_or_hub_id(text: str, name: str) -> str:
+    """`check_folder_or_hub_id`, and a local folder must hold a `config.json`."""
+    check_folder_or_hub_id(text, name)
+    if Path(text).expanduser().is_dir() and not Path(text, "config.json").expanduser().is_file():
+        raise FileNotFoundError(f"{name}: {text!r} holds no config.json, so it is not a saved model folder.")
+    return text
 
 
 @dataclass
@@ -51,6 +80,13 @@ class ModelArguments:
     tokenizer_vocab_size: int = field(
         default=8000, metadata={"help": "vocabulary size of a tokenizer trained on the training text"}
     )
+
+    def __post_init__(self):
+        for name in ("model_name_or_path", "upcycle_from"):
+            if getattr(self, name) is not None:
+                check_model_folder_or_hub_id(getattr(self, name), f"--{name}")
+        if self.tokenizer_name_or_path is not None:
+            check_folder_or_hub_id(self.tokenizer_name_or_path, "--tokenizer_name_or_path")
 
 
 @dataclass
@@ -102,15 +138,19 @@ def parse_config_overrides(overrides: str | None) -> dict:
     """'num_experts=16,capacity_factor=None' -> {'num_experts': 16, 'capacity_factor': None}, typed by SwitchConfig."""
     if not overrides:
         return {}
+    fields = [name for name in SwitchConfig.__dataclass_fields__ if not name.startswith("_")]
     parsed = {}
     for item in overrides.split(","):
         name, separator, text = item.partition("=")
         name = name.strip()
-        if not separator or name not in SwitchConfig.__dataclass_fields__:
-            raise ValueError(
-                f"--config_overrides: {item!r} is not 'field=value' with a SwitchConfig field "
-                f"(fields: {', '.join(sorted(SwitchConfig.__dataclass_fields__))})."
+        if not separator:
+            raise ValueError(f"--config_overrides: {item!r} is not 'field=value'.")
+        if name not in fields:
+            close = difflib.get_close_matches(name, fields, n=3)
+            hint = (
+                f"did you mean {' or '.join(close)}?" if close else "see `help(hf_switch.SwitchConfig)` for the fields."
             )
+            raise ValueError(f"--config_overrides: {name!r} is not a SwitchConfig field; {hint}")
         parsed[name] = _parse_value(text.strip())
     return parsed
 

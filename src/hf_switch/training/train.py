@@ -5,6 +5,7 @@ YAML/JSON file. With no data arguments it trains on an embedded offline default:
 help texts, with a tokenizer trained on them once and shipped in the package.
 """
 
+import difflib
 import json
 import logging
 import sys
@@ -67,13 +68,19 @@ EMBEDDED_DEFAULTS = dict(
 EMBEDDED_TOKENIZER = Path(__file__).parent / "embedded_tokenizer"
 
 
-def parse_arguments(argv: list[str], extra: tuple[type, ...] = (), defaults: dict | None = None) -> tuple:
+def parse_arguments(
+    argv: list[str], extra: tuple[type, ...] = (), defaults: dict | None = None, prog: str = "hf-switch train"
+) -> tuple:
     """`(ModelArguments, DataArguments, Seq2SeqTrainingArguments, *extra)` from flags or one YAML/JSON file.
 
     Flags and file values override `RUN_DEFAULTS`, the command's `defaults`, `FROM_SCRATCH_DEFAULTS` when the model is
-    built from a preset and, when no data is given, `EMBEDDED_DEFAULTS`.
+    built from a preset and, when no data is given, `EMBEDDED_DEFAULTS`. A flag must be spelled out (no
+    abbreviations); an unknown one is a usage error (exit 2) that suggests the closest known flags.
     """
-    parser = HfArgumentParser((ModelArguments, DataArguments, Seq2SeqTrainingArguments, *extra))
+    parser = HfArgumentParser(
+        (ModelArguments, DataArguments, Seq2SeqTrainingArguments, *extra), prog=prog, allow_abbrev=False
+    )
+    _refuse_unknown_flags(parser, argv)
     defaults = {**RUN_DEFAULTS, **(defaults or {})}
     if len(argv) == 1 and argv[0].endswith((".yaml", ".yml", ".json")):
         text = Path(argv[0]).read_text()
@@ -84,6 +91,15 @@ def parse_arguments(argv: list[str], extra: tuple[type, ...] = (), defaults: dic
     model_args, data_args = parser.parse_args_into_dataclasses(args=argv)[:2]
     parser.set_defaults(**_situational_defaults(model_args, data_args))
     return parser.parse_args_into_dataclasses(args=argv)
+
+
+def _refuse_unknown_flags(parser: HfArgumentParser, argv: list[str]) -> None:
+    known = parser._option_string_actions
+    for flag in (argument.split("=", 1)[0] for argument in argv if argument.startswith("--")):
+        if flag not in known:
+            close = difflib.get_close_matches(flag, known, n=3)
+            hint = f"; did you mean {' or '.join(close)}?" if close else f"; `{parser.prog} --help` lists the flags"
+            parser.error(f"unrecognized argument {flag}{hint}")
 
 
 def _situational_defaults(model_args: ModelArguments, data_args: DataArguments) -> dict:
