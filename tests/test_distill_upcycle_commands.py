@@ -36,7 +36,7 @@ def teacher(tmp_path_factory, pairs):
 
 
 @pytest.mark.parametrize("expert_init", ["mean", "most_used", "none"])
-def test_distill_writes_a_plain_t5_student(tmp_path, pairs, teacher, expert_init):
+def test_distill_writes_a_plain_t5_student(tmp_path, pairs, teacher, expert_init, capsys):
     metrics = distill_main(
         [
             *_common(pairs),
@@ -51,6 +51,8 @@ def test_distill_writes_a_plain_t5_student(tmp_path, pairs, teacher, expert_init
     assert metrics["eval_loss"] > 0
     student = AutoModelForSeq2SeqLM.from_pretrained(tmp_path)
     assert isinstance(student, T5ForConditionalGeneration)
+    summary = capsys.readouterr().out.split("hf-switch distill: done")[1]
+    assert f'model = AutoModelForSeq2SeqLM.from_pretrained("{tmp_path}")' in summary
 
 
 def test_distill_refuses_a_missing_teacher_and_an_unknown_init(tmp_path, pairs, teacher):
@@ -63,10 +65,11 @@ def test_distill_refuses_a_missing_teacher_and_an_unknown_init(tmp_path, pairs, 
         )
 
 
-def test_upcycle_command_starts_where_the_dense_model_left_off(tmp_path, teacher):
+def test_upcycle_command_starts_where_the_dense_model_left_off(tmp_path, teacher, capsys):
     dense = tiny_t5()
     dense.save_pretrained(tmp_path / "dense")
     cli(["upcycle", str(tmp_path / "dense"), str(tmp_path / "sparse"), "--num_experts", "4"])
+    assert f"hf-switch train --model_name_or_path {tmp_path / 'sparse'}" in capsys.readouterr().out
     sparse = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "sparse").eval()
     assert isinstance(sparse, SwitchForConditionalGeneration) and sparse.config.num_experts == 4
     batch = random_batch()

@@ -93,7 +93,7 @@ def test_gradient_check_refuses_expert_adapters_without_gradient():
     ExpertLoraGradientCheck().on_pre_optimizer_step(None, None, None, model=model)
 
 
-def test_finetune_command_saves_adapter_and_merged_model(tmp_path):
+def test_finetune_command_saves_adapter_and_merged_model(tmp_path, capsys):
     from hf_switch.training import main as train
 
     pairs = tmp_path / "pairs.jsonl"
@@ -105,6 +105,9 @@ def test_finetune_command_saves_adapter_and_merged_model(tmp_path):
     finetune_main(
         [*common, "--model_name_or_path", str(tmp_path / "base"), "--output_dir", str(tmp_path / "lora"), "--merge"]
     )
+    summary = capsys.readouterr().out.split("hf-switch finetune: done, 2 steps")[1]
+    assert f'AutoModelForSeq2SeqLM.from_pretrained("{tmp_path / "base"}"), "{tmp_path / "lora"}")' in summary
+    assert f'# or the merged model: AutoModelForSeq2SeqLM.from_pretrained("{tmp_path / "lora" / "merged"}")' in summary
     config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
     assert set(config["target_parameters"]) == {"experts.wi", "experts.wo"}
     merged = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "lora" / "merged")

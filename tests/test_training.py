@@ -41,7 +41,7 @@ def _arguments(output_dir, *extra):
     return [*TINY, "--output_dir", str(output_dir), "--tokenizer_vocab_size", "300", *extra]
 
 
-def test_span_corruption_run_saves_a_loadable_model_dashboards_and_plots(tmp_path, text_file):
+def test_span_corruption_run_saves_a_loadable_model_dashboards_and_plots(tmp_path, text_file, capsys):
     output = tmp_path / "run"
     metrics = main(
         _arguments(output, "--train_file", str(text_file), "--max_steps", "4", "--max_source_length", "32")
@@ -61,6 +61,13 @@ def test_span_corruption_run_saves_a_loadable_model_dashboards_and_plots(tmp_pat
     assert any("eval_loss" in entry for entry in logged)
     events = list((output / "runs").rglob("events.out.tfevents*"))
     assert events and any(b"routing/encoder.1/dropped_fraction" in path.read_bytes() for path in events)
+    # The console gets one routing entry per log, and the run ends with where things are and how to load them.
+    printed = capsys.readouterr().out
+    assert "routing/" not in printed and "'routing': 'dropped 0.0% (" in printed
+    summary = printed[printed.index("hf-switch train: done, 4 steps") :]
+    assert f"saved to:      {output}" in summary and f"{output / 'expert_load.png'}" in summary
+    assert f'model = AutoModelForSeq2SeqLM.from_pretrained("{output}")' in summary
+    assert f"hf-switch publish {output} --repo-id ORG/NAME" in summary
 
 
 def test_seq2seq_run_with_generation_metrics_from_a_yaml_file(tmp_path, pairs_file):

@@ -88,7 +88,13 @@ def _upcycle(arguments: argparse.Namespace) -> None:
     model.save_pretrained(arguments.destination)
     if Path(arguments.dense, "tokenizer_config.json").exists():
         AutoTokenizer.from_pretrained(arguments.dense).save_pretrained(arguments.destination)
-    print(f"wrote a Switch model with {arguments.num_experts} experts per sparse layer to {arguments.destination}")
+    destination = arguments.destination
+    print(
+        f"hf-switch upcycle: wrote a Switch model with {arguments.num_experts} experts per sparse layer to "
+        f"{destination}\n  load it:\n    import hf_switch\n    from transformers import AutoModelForSeq2SeqLM\n"
+        f'    model = AutoModelForSeq2SeqLM.from_pretrained("{destination}")\n  next (train on from it):\n'
+        f"    hf-switch train --model_name_or_path {destination} --train_file DATA --output_dir OUT"
+    )
 
 
 def _publish(arguments: argparse.Namespace) -> None:

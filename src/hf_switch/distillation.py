@@ -350,7 +350,7 @@ def _student_from(teacher, arguments: DistillationArguments, datasets, collator)
 
 def distill_main(argv: list[str] | None = None) -> dict:
     """`hf-switch distill`: train a dense T5 student of the `--model_name_or_path` teacher; returns eval metrics."""
-    from .training.train import end_training, parse_arguments, run
+    from .training.train import closing_summary, end_training, parse_arguments, run
 
     model_args, data_args, training_args, arguments = parse_arguments(
         sys.argv[1:] if argv is None else argv,
@@ -379,6 +379,15 @@ def distill_main(argv: list[str] | None = None) -> dict:
 
     trainer, metrics = run(model_args, data_args, training_args, prepare_model=to_student, trainer_class=trainer_class)
     end_training(trainer)
+    if trainer.is_world_process_zero():
+        folder = training_args.output_dir
+        load = [
+            "from transformers import AutoModelForSeq2SeqLM, AutoTokenizer  # a plain T5: no plugin needed",
+            f'model = AutoModelForSeq2SeqLM.from_pretrained("{folder}")',
+            f'tokenizer = AutoTokenizer.from_pretrained("{folder}")',
+        ]
+        next_steps = [f"hf-switch publish {folder} --repo-id ORG/NAME --dry-run --local-dir PUB"]
+        print(closing_summary("distill", trainer, metrics, load, next_steps))
     return metrics
 
 

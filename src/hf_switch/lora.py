@@ -166,7 +166,7 @@ FINETUNE_DEFAULTS = dict(objective="seq2seq", config_overrides="expert_dropout=0
 
 def finetune_main(argv: list[str] | None = None) -> dict:
     """`hf-switch finetune`: `hf-switch train` with LoRA adapters; saves the adapter folder (and `--merge`d model)."""
-    from .training.train import end_training, parse_arguments, run
+    from .training.train import closing_summary, end_training, parse_arguments, run
 
     model_args, data_args, training_args, lora_args = parse_arguments(
         sys.argv[1:] if argv is None else argv,
@@ -184,9 +184,22 @@ def finetune_main(argv: list[str] | None = None) -> dict:
     trainer, metrics = run(
         model_args, data_args, training_args, prepare_model=wrap, callbacks=[ExpertLoraGradientCheck()]
     )
+    merged_dir = Path(training_args.output_dir) / "merged"
     if lora_args.merge and trainer.is_world_process_zero():
-        merged_dir = Path(training_args.output_dir) / "merged"
         trainer.model.merge_and_unload().save_pretrained(merged_dir)
         trainer.processing_class.save_pretrained(merged_dir)
     end_training(trainer)
+    if trainer.is_world_process_zero():
+        folder, base = training_args.output_dir, model_args.model_name_or_path or "BASE_MODEL"
+        load = [
+            "import hf_switch",
+            "from peft import PeftModel",
+            "from transformers import AutoModelForSeq2SeqLM, AutoTokenizer",
+            f'model = PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained("{base}"), "{folder}")',
+            f'tokenizer = AutoTokenizer.from_pretrained("{folder}")',
+        ]
+        if lora_args.merge:
+            load.append(f'# or the merged model: AutoModelForSeq2SeqLM.from_pretrained("{merged_dir}")')
+        next_steps = [f"hf-switch publish {folder} --repo-id ORG/NAME --base-model {base} --dry-run --local-dir PUB"]
+        print(closing_summary("finetune", trainer, metrics, load, next_steps))
     return metrics

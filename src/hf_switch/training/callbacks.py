@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainerCallback
+from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCallback
 
 from ..modeling_switch import SwitchStack
 from ..routing import end_balancing_step
@@ -164,8 +164,45 @@ class RoutingDashboardCallback(TrainerCallback):
             plot_expert_load(self.history, output_dir / "expert_load.png")
 
 
+def console_logs(logs: dict) -> dict:
+    """`logs` for the console: the per-layer `routing/*` entries (for TensorBoard and `routing_stats.json`) become
+    one `routing` entry with the worst layer's dropped fraction and max violation."""
+    console = {name: value for name, value in logs.items() if not name.startswith("routing/")}
+    per_layer: dict[str, dict] = {}
+    for name, value in logs.items():
+        if name.startswith("routing/"):
+            _, layer, metric = name.split("/", 2)
+            per_layer.setdefault(layer, {})[metric] = value
+    if per_layer:
+        dropped = max(per_layer, key=lambda layer: per_layer[layer]["dropped_fraction"])
+        violated = max(per_layer, key=lambda layer: per_layer[layer]["max_violation"])
+        console["routing"] = (
+            f"dropped {100 * per_layer[dropped]['dropped_fraction']:.1f}% ({dropped}), "
+            f"max violation {per_layer[violated]['max_violation']:.2f} ({violated})"
+        )
+    return console
+
+
+class CompactProgressCallback(ProgressCallback):
+    """Trainer's progress bar, printing `console_logs(logs)`."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        super().on_log(args, state, control, logs=None if logs is None else console_logs(logs), **kwargs)
+
+
+class CompactPrinterCallback(PrinterCallback):
+    """Trainer's log printer (with `disable_tqdm`), printing `console_logs(logs)`."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        super().on_log(args, state, control, logs=None if logs is None else console_logs(logs), **kwargs)
+
+
 def add_routing_dashboard(trainer: Trainer) -> RoutingDashboardCallback:
-    """Attach a `RoutingDashboardCallback` ahead of the reporting callbacks, so they log what it adds."""
+    """Attach a `RoutingDashboardCallback` ahead of the reporting callbacks, so they log what it adds, and keep the
+    console to one routing entry per log (`console_logs`)."""
     callback = RoutingDashboardCallback()
     trainer.callback_handler.callbacks.insert(0, callback)
+    for plain, compact in ((ProgressCallback, CompactProgressCallback), (PrinterCallback, CompactPrinterCallback)):
+        if trainer.pop_callback(plain) is not None:
+            trainer.add_callback(compact)
     return callback

@@ -9,15 +9,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def plot_loss_curves(log_history: list[dict], path: Path) -> bool:
-    """Training loss and, when evaluated, validation loss against the step; nothing is written (False) when no loss
-    was logged, as in a run shorter than its logging interval."""
+def plot_loss_curves(log_history: list[dict], path: Path) -> None:
+    """Training loss and, when evaluated, validation loss against the step; nothing is written when no loss was
+    logged, as in a run shorter than its logging interval."""
     curves = {
         label: [(entry["step"], entry[key]) for entry in log_history if key in entry]
         for key, label in (("loss", "train"), ("eval_loss", "validation"))
     }
     if not any(curves.values()):
-        return False
+        return
     figure, axes = plt.subplots(figsize=(6, 4))
     for label, points in curves.items():
         if points:
@@ -29,7 +29,6 @@ def plot_loss_curves(log_history: list[dict], path: Path) -> bool:
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
-    return True
 
 
 def _step_ticks(axis, steps: list[int]) -> None:

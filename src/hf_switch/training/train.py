@@ -8,6 +8,7 @@ help texts, with a tokenizer trained on them once and shipped in the package.
 import difflib
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -256,9 +257,61 @@ def end_training(trainer: Seq2SeqTrainer) -> None:
     trainer.accelerator.end_training()
 
 
+# Evaluation entries that describe the evaluation run, not the model.
+_BOOKKEEPING = ("eval_runtime", "eval_samples_per_second", "eval_steps_per_second", "epoch")
+
+
+def closing_summary(command: str, trainer: Seq2SeqTrainer, metrics: dict, load: list[str], next_steps: list[str]):
+    """The lines a command ends with: where the model, plots and logs are, the final metrics, how to load the model
+    and what to run next."""
+    folder = Path(trainer.args.output_dir)
+    scores = ", ".join(
+        f"{name.removeprefix('eval_')} {value:.4g}" if isinstance(value, float) else f"{name} {value}"
+        for name, value in metrics.items()
+        if name not in _BOOKKEEPING
+    )
+    plots = [str(folder / name) for name in ("loss_curves.png", "expert_load.png") if (folder / name).exists()]
+    logs = [str(folder / "trainer_state.json")]
+    if (folder / "routing_stats.json").exists():
+        logs.append(str(folder / "routing_stats.json"))
+    if "tensorboard" in trainer.args.report_to:
+        logs.append(f"TensorBoard: tensorboard --logdir {os.environ.get('TENSORBOARD_LOGGING_DIR', folder / 'runs')}")
+    lines = [
+        f"hf-switch {command}: done, {trainer.state.global_step} steps",
+        f"  saved to:      {folder}",
+        f"  final eval:    {scores or '-'}",
+        f"  plots:         {', '.join(plots) or '- (nothing logged)'}",
+        f"  logs:          {'; '.join(logs)}",
+        "  load it:",
+        *(f"    {line}" for line in load),
+        "  next:",
+        *(f"    {line}" for line in next_steps),
+    ]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict:
     """`hf-switch train`: returns the final evaluation metrics."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     trainer, metrics = run(*parse_arguments(sys.argv[1:] if argv is None else argv))
     end_training(trainer)
+    if trainer.is_world_process_zero():
+        folder = trainer.args.output_dir
+        print(
+            closing_summary(
+                "train",
+                trainer,
+                metrics,
+                load=[
+                    "import hf_switch  # registers the Switch classes with the Auto classes",
+                    "from transformers import AutoModelForSeq2SeqLM, AutoTokenizer",
+                    f'model = AutoModelForSeq2SeqLM.from_pretrained("{folder}")',
+                    f'tokenizer = AutoTokenizer.from_pretrained("{folder}")',
+                ],
+                next_steps=[
+                    f"hf-switch finetune --model_name_or_path {folder} --train_file DATA.jsonl --output_dir OUT",
+                    f"hf-switch publish {folder} --repo-id ORG/NAME --dry-run --local-dir PUBLISH",
+                ],
+            )
+        )
     return metrics
