@@ -47,3 +47,19 @@ def test_convert_to_transformers_of_a_batch_routed_dropless_model_takes_an_exper
     batch = random_batch()  # no padding, 11 and 9 tokens: a capacity of 16 drops nothing, as our evaluation
     with torch.no_grad():
         assert (theirs(**batch).logits - model(**batch).logits).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize(
+    ("command", "groups"),
+    [("train", ["model:", "data:"]), ("finetune", ["model:", "data:", "LoRA:"]), ("distill", ["distillation:"])],
+)
+def test_training_command_help_names_the_command_and_puts_its_own_flags_before_the_trainers(command, groups, capsys):
+    with pytest.raises(SystemExit) as raised:
+        main([command, "--help"])
+    assert raised.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"usage: hf-switch {command} [--flag value ...]")
+    trainer = text.index("\nTrainer (every transformers Seq2SeqTrainingArguments flag):")
+    assert all(0 < text.index(f"\n{group}\n") < trainer for group in groups)
+    assert text.index("\nexamples:\n  hf-switch ") > trainer
+    assert "--optim OPTIM " in text  # a long list of choices is not spelled out in the help

@@ -311,6 +311,8 @@ class DistillationTrainer(Seq2SeqTrainer):
 class DistillationArguments:
     """Options of `hf-switch distill`, beside the training arguments (the teacher is `--model_name_or_path`)."""
 
+    _argument_group_name = "distillation"
+
     expert_init: str = field(
         default="mean",
         metadata={
@@ -357,6 +359,10 @@ def distill_main(argv: list[str] | None = None) -> dict:
         extra=(DistillationArguments,),
         defaults={"objective": "seq2seq"},
         prog="hf-switch distill",
+        examples=(
+            "hf-switch distill --model_name_or_path runs/switch --train_file pairs.jsonl --expert_init fresh "
+            "--distill_alpha 0.25 --output_dir runs/student",
+        ),
     )
     if model_args.model_name_or_path is None:
         raise ValueError("hf-switch distill needs the teacher: --model_name_or_path FOLDER (a Switch model).")

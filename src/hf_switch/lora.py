@@ -153,6 +153,8 @@ class ExpertLoraGradientCheck(TrainerCallback):
 class LoraArguments:
     """LoRA options of `hf-switch finetune`, beside the training arguments."""
 
+    _argument_group_name = "LoRA"
+
     lora_preset: str = field(default="attention+experts", metadata={"help": f"one of {LORA_PRESETS}"})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r)"})
@@ -173,6 +175,10 @@ def finetune_main(argv: list[str] | None = None) -> dict:
         extra=(LoraArguments,),
         defaults=FINETUNE_DEFAULTS,
         prog="hf-switch finetune",
+        examples=(
+            "hf-switch finetune --model_name_or_path outputs/hf-switch --train_file pairs.jsonl --output_dir runs/lora "
+            "--merge",
+        ),
     )
 
     def wrap(model, datasets, collator):

@@ -49,6 +49,8 @@ def check_model_folder_or_hub_id(text: str, name: str) -> str:
 class ModelArguments:
     """Which model to train: a size preset, a saved folder, or a dense T5 to upcycle."""
 
+    _argument_group_name = "model"
+
     preset: str = field(default="mini", metadata={"help": f"size preset, one of {sorted(PRESETS)}"})
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "a saved hf_switch or transformers SwitchTransformers folder (or Hub id)"}
@@ -92,6 +94,8 @@ class ModelArguments:
 @dataclass
 class DataArguments:
     """What to train on. With no data argument at all, the embedded offline default is used."""
+
+    _argument_group_name = "data"
 
     objective: Literal["span_corruption", "seq2seq"] = field(
         default="span_corruption", metadata={"help": "T5 span-corruption pretraining or source->target finetuning"}

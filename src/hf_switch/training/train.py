@@ -5,6 +5,7 @@ YAML/JSON file. With no data arguments it trains on an embedded offline default:
 help texts, with a tokenizer trained on them once and shipped in the package.
 """
 
+import argparse
 import difflib
 import json
 import logging
@@ -64,34 +65,64 @@ EMBEDDED_DEFAULTS = dict(
     max_eval_samples=256,
     max_source_length=64,
 )
+TRAIN_EXAMPLES = (
+    "hf-switch train --max_steps 50 --output_dir /tmp/quick   # the embedded default, shortened",
+    "hf-switch train --objective seq2seq --train_file pairs.jsonl --preset small --output_dir runs/mt",
+)
 # The embedded default's tokenizer, trained once on the embedded corpus (4,000 Unigram pieces) and shipped: Unigram
 # training numbers its pieces differently on every call, and the default job should be reproducible.
 EMBEDDED_TOKENIZER = Path(__file__).parent / "embedded_tokenizer"
 
 
+class TrainerArguments(Seq2SeqTrainingArguments):
+    """transformers' `Seq2SeqTrainingArguments`, under their own heading, after hf_switch's, in `--help`."""
+
+    _argument_group_name = "Trainer (every transformers Seq2SeqTrainingArguments flag)"
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in the help, and the examples epilog as written."""
+
+
 def parse_arguments(
-    argv: list[str], extra: tuple[type, ...] = (), defaults: dict | None = None, prog: str = "hf-switch train"
+    argv: list[str],
+    extra: tuple[type, ...] = (),
+    defaults: dict | None = None,
+    prog: str = "hf-switch train",
+    examples: tuple[str, ...] = TRAIN_EXAMPLES,
 ) -> tuple:
     """`(ModelArguments, DataArguments, Seq2SeqTrainingArguments, *extra)` from flags or one YAML/JSON file.
 
     Flags and file values override `RUN_DEFAULTS`, the command's `defaults`, `FROM_SCRATCH_DEFAULTS` when the model is
     built from a preset and, when no data is given, `EMBEDDED_DEFAULTS`. A flag must be spelled out (no
-    abbreviations); an unknown one is a usage error (exit 2) that suggests the closest known flags.
+    abbreviations); an unknown one is a usage error (exit 2) that suggests the closest known flags. `--help` shows
+    the model, data and command flags (`extra`) first, then the Trainer's, then `examples`.
     """
     parser = HfArgumentParser(
-        (ModelArguments, DataArguments, Seq2SeqTrainingArguments, *extra), prog=prog, allow_abbrev=False
+        (ModelArguments, DataArguments, *extra, TrainerArguments),
+        prog=prog,
+        usage="%(prog)s [--flag value ...]  |  %(prog)s CONFIG.yaml",
+        allow_abbrev=False,
+        formatter_class=_HelpFormatter,
+        epilog="examples:\n" + "\n".join(f"  {example}" for example in examples),
     )
+    for action in parser._actions:
+        if action.choices is not None and len(action.choices) > 8:  # e.g. --optim: dozens of names
+            action.metavar = action.dest.upper()
     _refuse_unknown_flags(parser, argv)
     defaults = {**RUN_DEFAULTS, **(defaults or {})}
     if len(argv) == 1 and argv[0].endswith((".yaml", ".yml", ".json")):
         text = Path(argv[0]).read_text()
         values = json.loads(text) if argv[0].endswith(".json") else yaml.safe_load(text)
         model_args, data_args = parser.parse_dict({**defaults, **values})[:2]
-        return parser.parse_dict({**defaults, **_situational_defaults(model_args, data_args), **values})
-    parser.set_defaults(**defaults)
-    model_args, data_args = parser.parse_args_into_dataclasses(args=argv)[:2]
-    parser.set_defaults(**_situational_defaults(model_args, data_args))
-    return parser.parse_args_into_dataclasses(args=argv)
+        parsed = parser.parse_dict({**defaults, **_situational_defaults(model_args, data_args), **values})
+    else:
+        parser.set_defaults(**defaults)
+        model_args, data_args = parser.parse_args_into_dataclasses(args=argv)[:2]
+        parser.set_defaults(**_situational_defaults(model_args, data_args))
+        parsed = parser.parse_args_into_dataclasses(args=argv)
+    model_args, data_args, *extra_args, training_args = parsed
+    return (model_args, data_args, training_args, *extra_args)
 
 
 def _refuse_unknown_flags(parser: HfArgumentParser, argv: list[str]) -> None:
