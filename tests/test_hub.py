@@ -81,7 +81,7 @@ sys.modules["hf_switch"] = None  # hf_switch must not be importable
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 model = AutoModelForSeq2SeqLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
 assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
-assert AutoTokenizer.from_pretrained(sys.argv[1])("w5 w7").input_ids[:2] == [5, 7]
+assert AutoTokenizer.from_pretrained(sys.argv[1], trust_remote_code=True)("w5 w7").input_ids[:2] == [5, 7]
 batch = torch.load(sys.argv[2])
 with torch.no_grad():
     torch.save(model(**batch).logits, sys.argv[3])
@@ -118,7 +118,10 @@ def test_published_switch_model_loads_from_the_hub_without_hf_switch(hub, tmp_pa
         "NO_PROXY": "127.0.0.1",
     }
     command = [sys.executable, "-c", REMOTE_LOAD, "org/tiny-switch", str(tmp_path / "batch.pt"), str(tmp_path / "out")]
-    subprocess.run(command, check=True, env=env, timeout=120)
+    loaded = subprocess.run(
+        command, check=True, env=env, timeout=120, stdin=subprocess.DEVNULL, capture_output=True, text=True
+    )
+    assert "Do you wish to run the custom code" not in loaded.stdout + loaded.stderr  # the card's lines, no prompt
     reference = AutoModelForSeq2SeqLM.from_pretrained(source).eval()
     with torch.no_grad():
         assert torch.equal(torch.load(tmp_path / "out"), reference(**batch).logits)
@@ -140,6 +143,7 @@ def test_switch_card_has_metadata_parameters_routing_and_evaluation(tmp_path):
     assert "| encoder.1 | 1.60 | 0.45 | 0.0500 | 1.2000 | - |" in card.text
     assert "![expert_load.png](expert_load.png)" in card.text
     assert 'from_pretrained("org/tiny-switch", trust_remote_code=True)' in card.text
+    assert 'tokenizer = AutoTokenizer.from_pretrained("org/tiny-switch", trust_remote_code=True)' in card.text
     assert "Dropped tokens" in card.text and "Routing bias" in card.text
     assert (tmp_path / "out" / "expert_load.png").exists()
 
@@ -250,7 +254,7 @@ def test_invalid_card_metadata_is_caught_before_any_request(hub, tmp_path, metad
             {"history": [{"layers": {"encoder.1": {"expert_counts": [0, 0]}}}]},
             "expert_counts must be",
         ),
-        ("eval_results.json", {"eval_bleu": 3.0, "eval_runtime": 1.0}, "pass datasets="),
+        ("eval_results.json", {"metrics": {"bleu": 3.0}}, 'dataset must be an object with "name" and "type"'),
         ("eval_results.json", {"dataset": {"name": "x", "type": "y"}, "metrics": {"bleu": "high"}}, "metrics must"),
     ],
 )
@@ -260,6 +264,15 @@ def test_malformed_card_inputs_name_the_file_and_the_field(hub, tmp_path, file_n
     with pytest.raises(PublishError, match=f"{file_name}: .*{message}"):
         publish(source, "org/tiny-switch")
     assert hub.requests == []
+
+
+def test_trainer_eval_results_without_a_dataset_make_a_card_without_model_index(hub, tmp_path):
+    source = switch_folder(tmp_path / "model")
+    (source / "eval_results.json").write_text(json.dumps({"eval_loss": 1.5, "eval_runtime": 2.0}))
+    publish(source, "org/tiny-switch", dry_run=True, local_dir=tmp_path / "out")
+    card = ModelCard.load(tmp_path / "out" / "README.md")
+    assert not card.data.eval_results
+    assert "its dataset was not named when publishing" in card.text and "| loss | 1.5 |" in card.text
 
 
 def test_trainer_eval_results_become_a_model_index_on_the_named_dataset(tmp_path):

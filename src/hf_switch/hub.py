@@ -443,16 +443,18 @@ def _layer_routing(name: str, layer: dict, path: Path) -> LayerRouting:
 
 @dataclass
 class Evaluation:
-    """Evaluation results on one dataset: the card's table and `model-index`."""
+    """Evaluation results on one dataset: the card's table and, where the dataset is known, its `model-index`."""
 
     task_type: str
-    dataset_name: str
-    dataset_type: str
+    dataset_name: str | None
+    dataset_type: str | None
     dataset_config: str | None
     dataset_split: str | None
     metrics: dict[str, float]
 
-    def to_eval_results(self) -> list[EvalResult]:
+    def to_eval_results(self) -> list[EvalResult] | None:
+        if self.dataset_type is None:  # a model-index entry must name its dataset
+            return None
         return [
             EvalResult(
                 task_type=self.task_type,
@@ -470,7 +472,8 @@ class Evaluation:
 def read_eval_results(folder: Path, datasets: list[str] | None) -> Evaluation | None:
     """Read `eval_results.json` if the folder has one: hf_switch's schema, or transformers' `Trainer.save_metrics`.
 
-    A Trainer file names no dataset; the first of `datasets` is used, and without one this raises.
+    A Trainer file names no dataset; the first of `datasets` is used, and without one the card shows the metrics
+    without a `model-index`.
     """
     path = folder / "eval_results.json"
     if not path.is_file():
@@ -488,16 +491,19 @@ def read_eval_results(folder: Path, datasets: list[str] | None) -> Evaluation | 
         "metrics",
         "a non-empty object of metric name to number",
     )
-    _require_in_file(
-        isinstance(dataset, dict) and isinstance(dataset.get("name"), str) and isinstance(dataset.get("type"), str),
-        path,
-        "dataset",
-        'an object with "name" and "type" (a Trainer file names no dataset: pass datasets=[...] / --dataset)',
-    )
+    if dataset is None and "metrics" not in results:
+        dataset = {}
+    else:
+        _require_in_file(
+            isinstance(dataset, dict) and isinstance(dataset.get("name"), str) and isinstance(dataset.get("type"), str),
+            path,
+            "dataset",
+            'an object with "name" and "type"',
+        )
     return Evaluation(
         task_type=results.get("task_type", "text2text-generation"),
-        dataset_name=dataset["name"],
-        dataset_type=dataset["type"],
+        dataset_name=dataset.get("name"),
+        dataset_type=dataset.get("type"),
         dataset_config=dataset.get("config"),
         dataset_split=dataset.get("split"),
         metrics=metrics,
