@@ -47,7 +47,7 @@ def test_span_corruption_run_saves_a_loadable_model_dashboards_and_plots(tmp_pat
         _arguments(output, "--train_file", str(text_file), "--max_steps", "4", "--max_source_length", "32")
         + ["--report_to", "tensorboard", "--eval_strategy", "steps", "--eval_steps", "2"]
     )
-    assert metrics["eval_loss"] > 0
+    assert metrics["eval_loss"] > 0 and "train_seconds" not in metrics  # the clock stays out of the metrics
     model = AutoModelForSeq2SeqLM.from_pretrained(output)
     assert isinstance(model, hf_switch.SwitchForConditionalGeneration)
     tokenizer = AutoTokenizer.from_pretrained(output)

@@ -27,7 +27,8 @@ class BalancingStepCallback(TrainerCallback):
 
 
 class TrainingClockCallback(TrainerCallback):
-    """Adds `train_seconds` to every log: seconds spent in training steps so far, evaluation and saving left out.
+    """Adds `train_seconds` to every entry of the log history and to the training logs: seconds spent in training
+    steps so far, evaluation and saving left out.
 
     Curves of loss against wall-clock time compare runs by it. A resumed run continues from the last logged value.
     """
@@ -48,10 +49,14 @@ class TrainingClockCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None:
             return
-        logs["train_seconds"] = round(self.seconds, 3)
+        seconds = round(self.seconds, 3)
+        # An evaluation's `logs` is the metrics dict `evaluate()` returns (and `eval_results.json` holds): only the
+        # training logs, which loggers read, get the clock.
+        if "loss" in logs:
+            logs["train_seconds"] = seconds
         # Trainer appends a copy of `logs` to the history before calling back; the history is what checkpoints keep.
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
-            state.log_history[-1]["train_seconds"] = logs["train_seconds"]
+            state.log_history[-1]["train_seconds"] = seconds
 
 
 @dataclass
