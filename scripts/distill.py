@@ -1,6 +1,8 @@
 """Distil a Switch teacher into a dense T5 student: the same entry point as `hf-switch distill`."""
 
-from hf_switch.distillation import distill_main
+import sys
+
+from hf_switch.cli import main
 
 if __name__ == "__main__":
-    distill_main()
+    main(["distill", *sys.argv[1:]])

@@ -1,6 +1,8 @@
 """LoRA finetuning of a Switch model: the same entry point as `hf-switch finetune`."""
 
-from hf_switch.lora import finetune_main
+import sys
+
+from hf_switch.cli import main
 
 if __name__ == "__main__":
-    finetune_main()
+    main(["finetune", *sys.argv[1:]])

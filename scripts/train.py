@@ -1,6 +1,8 @@
 """Train a Switch model: the same entry point as `hf-switch train` (use it with `accelerate launch` or `deepspeed`)."""
 
-from hf_switch.training import main
+import sys
+
+from hf_switch.cli import main
 
 if __name__ == "__main__":
-    main()
+    main(["train", *sys.argv[1:]])

@@ -202,6 +202,20 @@ def test_two_processes_report_the_loss_of_one_process_with_the_same_global_batch
     assert first_loss(tmp_path / "two") == pytest.approx(first_loss(tmp_path / "one"), rel=1e-3)
 
 
+@pytest.mark.slow
+def test_accelerate_launch_that_starts_one_of_two_processes_fails_with_the_command_that_works(tmp_path):
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1"]
+    launch += ["--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPTS / "train.py"), *TINY]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    finished = subprocess.run(
+        [*launch, "--output_dir", str(tmp_path)], env=environment, timeout=300, capture_output=True, text=True
+    )
+    assert finished.returncode != 0
+    assert "hf-switch train: error: accelerate launch asked for 2 processes but started one" in finished.stderr
+    assert "Run: accelerate launch --multi_gpu --num_processes 2 --num_machines 1" in finished.stderr
+    assert not (tmp_path / "config.json").exists()
+
+
 def test_the_embedded_default_job_is_reproducible(tmp_path):
     arguments = ["--preset", "tiny", "--report_to", "none", "--max_steps", "3", "--logging_steps", "1"]
     arguments += ["--eval_strategy", "no", "--save_strategy", "no", "--max_train_samples", "96"]

@@ -225,6 +225,7 @@ def run(
     adapters, or building a dense student from it as a teacher); `callbacks` are added to the Trainer, which
     `trainer_class(**keyword_arguments)` builds (a `Seq2SeqTrainer` subclass, or a function binding extra ones).
     """
+    check_launcher_started_every_process()
     set_seed(training_args.seed)  # before the model's random init, not only inside the Trainer
     raw = load_raw_datasets(data_args, seed=training_args.seed)
     check_columns(raw, data_args)
@@ -319,6 +320,50 @@ def closing_summary(command: str, trainer: Seq2SeqTrainer, metrics: dict, load: 
         *(f"    {line}" for line in next_steps),
     ]
     return "\n".join(lines)
+
+
+MULTI_PROCESS_OFF = ("--cpu", "--multi_gpu")  # left out of the suggested command, which sets --multi_gpu itself
+
+
+def check_launcher_started_every_process() -> None:
+    """Refuse a single process that `accelerate launch --num_processes N` (N > 1) started instead of N.
+
+    Without `--multi_gpu` (or with `--cpu`), accelerate's launcher starts one process on a machine without GPUs and
+    says nothing, so a run meant for N processes would train alone. The launcher is this process's parent; where its
+    command line cannot be read (not Linux), nothing is checked.
+    """
+    if "WORLD_SIZE" in os.environ:
+        return
+    try:
+        words = [word.decode() for word in Path(f"/proc/{os.getppid()}/cmdline").read_bytes().split(b"\0") if word]
+    except (OSError, UnicodeDecodeError):
+        return
+    launched = _accelerate_launch_arguments(words)
+    if launched is None:
+        return
+    requested = 1
+    for i, word in enumerate(launched):
+        if word == "--num_processes" and i + 1 < len(launched):
+            requested = int(launched[i + 1])
+        elif word.startswith("--num_processes="):
+            requested = int(word.split("=", 1)[1])
+    if requested > 1:
+        # `--cpu` also makes accelerate start a single process, `--multi_gpu` or not.
+        command = ["accelerate", "launch", "--multi_gpu", *(word for word in launched if word not in MULTI_PROCESS_OFF)]
+        raise ValueError(
+            f"accelerate launch asked for {requested} processes but started one: without GPUs, its --num_processes "
+            f"needs --multi_gpu (gloo on CPU). Run: {' '.join(command)}"
+        )
+
+
+def _accelerate_launch_arguments(words: list[str]) -> list[str] | None:
+    """The arguments after `accelerate launch` (or `python -m accelerate.commands.launch`) in a command line."""
+    for i, word in enumerate(words):
+        if Path(word).name == "accelerate" and words[i + 1 : i + 2] == ["launch"]:
+            return words[i + 2 :]
+        if word == "accelerate.commands.launch" or Path(word).name == "accelerate-launch":
+            return words[i + 1 :]
+    return None
 
 
 def main(argv: list[str] | None = None) -> dict:
