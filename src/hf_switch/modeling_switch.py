@@ -218,6 +218,9 @@ class SwitchPreTrainedModel(PreTrainedModel):
     base_model_prefix = "switch"
     supports_gradient_checkpointing = True
     _no_split_modules = ["SwitchBlock"]
+    # Selective precision: `from_pretrained(..., dtype=torch.bfloat16)` keeps the routers (projection, expert bias)
+    # in float32; a model cast afterwards gets its router projection cast back on its first forward.
+    _keep_in_fp32_modules_strict = ["router"]
     # The relative position bias is passed to the attention functions, which flash attention cannot take.
     _supports_flash_attn = False
     _supports_flex_attn = True

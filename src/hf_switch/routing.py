@@ -339,8 +339,11 @@ class SwitchRouter(nn.Module):
         if self.training and self.config.router_jitter_noise > 0:
             noise = self.config.router_jitter_noise
             router_input = router_input * torch.empty_like(router_input).uniform_(1.0 - noise, 1.0 + noise)
-        bias = None if self.classifier.bias is None else self.classifier.bias.to(router_dtype)
-        logits = nn.functional.linear(router_input, self.classifier.weight.to(router_dtype), bias)
+        if self.classifier.weight.dtype != router_dtype:
+            # Selective precision, as transformers' router does it: the projection itself runs in the router dtype
+            # whatever the model was cast to. A module call, so that hooks (accelerate's offloading, peft, probes) run.
+            self.classifier.to(router_dtype)
+        logits = self.classifier(router_input)
         probs = nn.functional.softmax(logits, dim=-1, dtype=router_dtype)
 
         groups = RoutingGroups(self.config.routing_group, *token_mask.shape)

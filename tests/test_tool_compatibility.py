@@ -1,0 +1,82 @@
+"""Tools that act on modules see the router's projection: forward hooks, peft LoRA, accelerate's offloading, a
+dtype given to `from_pretrained`. Each compares with the model in memory, untouched."""
+
+import accelerate
+import pytest
+import torch
+from conftest import random_batch, tiny_model
+from peft import LoraConfig, get_peft_model
+
+from hf_switch import SwitchForConditionalGeneration
+from hf_switch.routing import SwitchRouter
+
+
+def _logits(model, batch) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def test_a_forward_hook_on_the_router_projection_fires_and_steers_routing():
+    model = tiny_model(num_experts=4)
+    router = next(module for module in model.encoder.modules() if isinstance(module, SwitchRouter))
+    calls = []
+
+    def prefer_expert_2(module, inputs, logits):
+        calls.append(logits.shape)
+        return logits + torch.tensor([0.0, 0.0, 100.0, 0.0])
+
+    batch = random_batch()
+    router.classifier.register_forward_hook(prefer_expert_2)
+    with torch.no_grad():
+        output = model(**batch)
+    assert calls == [(3, 11, 4)]
+    assert output.encoder_expert_counts[0].tolist() == [0, 0, 33, 0]
+
+
+def test_lora_on_the_router_changes_routing_and_merges_to_the_adapter_model():
+    base = tiny_model(num_experts=4)
+    batch = random_batch()
+    before = _logits(base, batch)
+    adapted = get_peft_model(base, LoraConfig(target_modules=["classifier"], r=2, init_lora_weights=False)).eval()
+    with_adapter = _logits(adapted, batch)
+    assert (with_adapter - before).abs().max() > 1e-3
+    merged = adapted.merge_and_unload()
+    assert (_logits(merged, batch) - with_adapter).abs().max() < 1e-5
+
+
+@pytest.fixture
+def saved_model(tmp_path):
+    model = tiny_model(num_experts=4, num_layers=4, num_sparse_encoder_layers=2, num_sparse_decoder_layers=2)
+    model.save_pretrained(tmp_path / "model")
+    return model, tmp_path / "model"
+
+
+def test_cpu_offloaded_model_gives_the_in_memory_logits(saved_model):
+    model, folder = saved_model
+    batch = random_batch()
+    offloaded = SwitchForConditionalGeneration.from_pretrained(folder).eval()
+    accelerate.cpu_offload(offloaded, execution_device=torch.device("cpu"))
+    assert (_logits(offloaded, batch) - _logits(model, batch)).abs().max() < 1e-5
+
+
+def test_loading_under_a_memory_budget_with_disk_offload_gives_the_in_memory_logits_and_generates(
+    saved_model, tmp_path
+):
+    model, folder = saved_model
+    size = accelerate.utils.compute_module_sizes(model)[""]
+    loaded = SwitchForConditionalGeneration.from_pretrained(
+        folder, device_map="auto", max_memory={"cpu": size // 3}, offload_folder=tmp_path / "offload"
+    ).eval()
+    assert "disk" in set(loaded.hf_device_map.values())
+    batch = random_batch()
+    assert (_logits(loaded, batch) - _logits(model, batch)).abs().max() < 1e-5
+    options = dict(input_ids=batch["input_ids"], max_new_tokens=6, do_sample=False)
+    assert torch.equal(loaded.generate(**options), model.generate(**options))
+
+
+def test_a_bfloat16_load_keeps_the_routers_in_float32(saved_model):
+    _, folder = saved_model
+    loaded = SwitchForConditionalGeneration.from_pretrained(folder, dtype=torch.bfloat16)
+    routers = [module for module in loaded.modules() if isinstance(module, SwitchRouter)]
+    assert all(router.classifier.weight.dtype == torch.float32 for router in routers)
+    assert loaded.shared.weight.dtype == torch.bfloat16
