@@ -6,7 +6,7 @@ from conftest import random_batch, tiny_model
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 import hf_switch.modeling_switch as modeling
-from hf_switch import SwitchCache
+from hf_switch import SwitchCache, SwitchForConditionalGeneration, SwitchModel
 
 CASES = {
     "absolute-capacity": dict(num_experts=2, expert_capacity=2),
@@ -102,12 +102,18 @@ def test_sampling_with_cache_equals_without_cache_for_a_seed():
     assert torch.equal(cached, model.generate(**_inputs(), **options, use_cache=False))
 
 
-def test_stepwise_logits_with_cache_equal_the_full_forward():
-    model = tiny_model(**CASES["absolute-capacity"])
+@pytest.mark.parametrize("cache_keyword", ["cache", "past_key_values"])  # transformers' deprecated alias
+@pytest.mark.parametrize("model_class", [SwitchForConditionalGeneration, SwitchModel])
+def test_stepwise_logits_with_cache_equal_the_full_forward(cache_keyword, model_class):
+    model = model_class(tiny_model(**CASES["absolute-capacity"]).config).eval()
     inputs = _inputs()
     decoder_input_ids = random_batch(target=8, seed=5)["labels"]
+
+    def outputs(output):
+        return output.logits if model_class is SwitchForConditionalGeneration else output.last_hidden_state
+
     with torch.no_grad():
-        full = model(**inputs, decoder_input_ids=decoder_input_ids).logits
+        full = outputs(model(**inputs, decoder_input_ids=decoder_input_ids))
         encoder_outputs = model.get_encoder()(**inputs)
         cache, steps = None, []
         for position in range(decoder_input_ids.shape[1]):
@@ -115,11 +121,11 @@ def test_stepwise_logits_with_cache_equal_the_full_forward():
                 encoder_outputs=encoder_outputs,
                 attention_mask=inputs["attention_mask"],
                 decoder_input_ids=decoder_input_ids[:, position : position + 1],
-                cache=cache,
                 use_cache=True,
+                **{cache_keyword: cache},
             )
             cache = output.cache
-            steps.append(output.logits)
+            steps.append(outputs(output))
     assert isinstance(cache, SwitchCache)
     assert (torch.cat(steps, dim=1) - full).abs().max().item() < 1e-5
 

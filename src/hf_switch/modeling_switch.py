@@ -28,6 +28,7 @@ from transformers.models.t5.modeling_t5 import (
     T5LayerNorm,
     T5LayerSelfAttention,
 )
+from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
@@ -116,6 +117,7 @@ class SwitchBlock(GradientCheckpointingLayer):
     def is_sparse(self) -> bool:
         return self.layer[-1].is_sparse
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         hidden_states,
@@ -413,6 +415,7 @@ class SwitchStack(SwitchPreTrainedModel):
 
     @merge_with_config_defaults
     @capture_outputs
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids=None,
@@ -672,6 +675,7 @@ class SwitchModel(SwitchEncoderDecoderModel):
         self.post_init()
 
     @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids=None,
@@ -726,6 +730,7 @@ class SwitchForConditionalGeneration(SwitchEncoderDecoderModel, GenerationMixin)
         self.post_init()
 
     @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids=None,
