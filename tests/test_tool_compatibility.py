@@ -80,3 +80,34 @@ def test_a_bfloat16_load_keeps_the_routers_in_float32(saved_model):
     routers = [module for module in loaded.modules() if isinstance(module, SwitchRouter)]
     assert all(router.classifier.weight.dtype == torch.float32 for router in routers)
     assert loaded.shared.weight.dtype == torch.bfloat16
+
+
+def _loss_and_gradients(model, batch) -> tuple[float, dict[str, torch.Tensor]]:
+    model.train()
+    output = model(**batch)
+    output.loss.backward()
+    return output.loss.item(), {name: parameter.grad for name, parameter in model.named_parameters()}
+
+
+@pytest.mark.parametrize(
+    "enable",
+    [
+        lambda model: model.activation_checkpointing_enable(),
+        lambda model: model.activation_checkpointing_enable({"use_reentrant": True}),
+        lambda model: model.activation_checkpointing_enable({"use_reentrant": True}, every_n_layers=2),
+        lambda model: model.gradient_checkpointing_enable({"use_reentrant": True}),  # the deprecated name
+    ],
+    ids=["default", "reentrant", "reentrant-every-2nd-layer", "gradient_checkpointing_enable"],
+)  # (offload=True pins memory, which needs an accelerator)
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated")
+def test_activation_checkpointing_gives_the_loss_and_every_gradient_of_the_plain_model(enable):
+    config = dict(num_experts=4, num_layers=4, num_sparse_encoder_layers=2, num_sparse_decoder_layers=2)
+    config.update(router_z_loss_coef=0.1, router_aux_loss_coef=0.1)  # large enough to move the router's gradient
+    batch = random_batch()
+    plain_loss, plain = _loss_and_gradients(tiny_model(**config), batch)
+    checkpointed_model = tiny_model(**config)
+    enable(checkpointed_model)
+    loss, gradients = _loss_and_gradients(checkpointed_model, batch)
+    assert loss == pytest.approx(plain_loss, abs=1e-6)
+    for name, gradient in plain.items():
+        assert (gradients[name] - gradient).abs().max() < 1e-6, name

@@ -130,7 +130,12 @@ class SwitchBlock(GradientCheckpointingLayer):
         cache=None,
         **kwargs,
     ):
-        """`[B, T, d]` -> (`[B, T, d]`, self-attention bias, cross-attention bias, `RouterDecision` or None)."""
+        """`[B, T, d]` -> (`[B, T, d]`, self-attention bias, cross-attention bias, `RouterDecision` or None, its
+        `[B, T, E]` router logits or None).
+
+        The router logits also travel as an output of their own: reentrant activation checkpointing reconnects only
+        the tensors a layer returns, and the router losses need the logits' gradient path (`RouterDecision.rejoined`).
+        """
         hidden_states, position_bias, _ = self.layer[0](
             hidden_states, attention_mask=attention_mask, position_bias=position_bias, cache=cache, **kwargs
         )
@@ -151,7 +156,8 @@ class SwitchBlock(GradientCheckpointingLayer):
         )
         if decision is not None and isinstance(cache, SwitchCache):
             cache.record_routing(self.layer_idx, decision.expert_index, decision.token_mask)
-        return hidden_states, position_bias, encoder_decoder_position_bias, decision
+        router_logits = None if decision is None else decision.logits
+        return hidden_states, position_bias, encoder_decoder_position_bias, decision, router_logits
 
 
 @dataclass
@@ -471,7 +477,7 @@ class SwitchStack(SwitchPreTrainedModel):
         position_bias = encoder_decoder_position_bias = None
         decisions: list[RouterDecision] = []
         for block in self.block:
-            hidden_states, position_bias, encoder_decoder_position_bias, decision = block(
+            hidden_states, position_bias, encoder_decoder_position_bias, decision, router_logits = block(
                 hidden_states,
                 attention_mask,
                 position_bias,
@@ -483,7 +489,7 @@ class SwitchStack(SwitchPreTrainedModel):
                 **kwargs,
             )
             if decision is not None:
-                decisions.append(decision)
+                decisions.append(decision.rejoined(router_logits))
         if self.config.router_check_finite:
             _check_router_logits_finite(decisions, self.sparse_layers, "decoder" if self.is_decoder else "encoder")
 

@@ -7,7 +7,7 @@ functions here are pure so that tests can call them directly.
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -101,6 +101,15 @@ class RouterDecision:
     token_mask: torch.Tensor
     groups: RoutingGroups
     experts_choose: bool = False
+
+    def rejoined(self, logits: torch.Tensor) -> "RouterDecision":
+        """This decision with `logits`, the same values returned by a layer as a tensor of its own, and with the
+        probabilities recomputed from them where only `logits` carries a gradient path: under reentrant activation
+        checkpointing a layer runs without gradients and only the tensors it returns are reconnected, so that the
+        router losses reach the router through `logits` alone."""
+        if logits.requires_grad and not self.probs.requires_grad:
+            return replace(self, logits=logits, probs=nn.functional.softmax(logits, dim=-1, dtype=logits.dtype))
+        return replace(self, logits=logits)
 
 
 @dataclass
