@@ -111,3 +111,25 @@ def test_activation_checkpointing_gives_the_loss_and_every_gradient_of_the_plain
     assert loss == pytest.approx(plain_loss, abs=1e-6)
     for name, gradient in plain.items():
         assert (gradients[name] - gradient).abs().max() < 1e-6, name
+
+
+@pytest.mark.parametrize(
+    ("new_size", "pad_to_multiple_of", "tied"), [(74, None, True), (74, 8, False), (60, None, True)]
+)
+def test_a_resized_vocabulary_trains_on_its_new_ids_and_survives_save_and_load(
+    new_size, pad_to_multiple_of, tied, tmp_path
+):
+    model = tiny_model(tie_word_embeddings=tied)
+    model.resize_token_embeddings(new_size, pad_to_multiple_of=pad_to_multiple_of)
+    size = model.get_input_embeddings().num_embeddings
+    assert size == (80 if pad_to_multiple_of else new_size)
+    batch = {name: ids % size for name, ids in random_batch().items()}
+    batch["input_ids"][0, 0] = batch["labels"][0, 0] = size - 1  # a new id when growing, the last one left when not
+    model.train()(**batch).loss.backward()
+    assert model.encoder.embed_tokens.weight.grad[size - 1].abs().sum() > 0
+    model.save_pretrained(tmp_path)
+    loaded = SwitchForConditionalGeneration.from_pretrained(tmp_path).eval()
+    assert torch.equal(_logits(loaded, batch), _logits(model.eval(), batch))
+    batch["input_ids"][0, 0] = size
+    with pytest.raises(ValueError, match=f"input_ids: token id {size} is outside the vocabulary"):
+        loaded(**batch)

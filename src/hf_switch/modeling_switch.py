@@ -441,7 +441,8 @@ class SwitchStack(SwitchPreTrainedModel):
             raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
         prefix = "decoder_" if self.is_decoder else ""
         if inputs_embeds is None:
-            _check_token_ids(input_ids, self.config.vocab_size, f"{prefix}input_ids")
+            # The embedding's own size: `resize_token_embeddings` replaces it without touching this stack's config.
+            _check_token_ids(input_ids, self.embed_tokens.num_embeddings, f"{prefix}input_ids")
             inputs_embeds = self.embed_tokens(input_ids)
         _check_not_empty(inputs_embeds, f"{prefix}input_ids" if input_ids is not None else f"{prefix}inputs_embeds")
 
@@ -519,6 +520,13 @@ class SwitchStack(SwitchPreTrainedModel):
             router.step_expert_counts += layer_counts
             fractions.append(router.step_expert_counts / router.step_expert_counts.sum().clamp(min=1))
         return fractions
+
+
+def _stack_embeddings(embeddings: nn.Embedding, config: SwitchConfig) -> nn.Embedding:
+    """A stack's token embeddings when the model's are set to `embeddings` (e.g. by `resize_token_embeddings`):
+    the same module when the config ties embeddings, else a copy of its own, since without `tie_word_embeddings`
+    transformers ties nothing and each stack's embeddings are saved and loaded as separate weights."""
+    return embeddings if config.tie_word_embeddings else copy.deepcopy(embeddings)
 
 
 def _check_token_ids(token_ids: torch.Tensor, vocab_size: int, name: str, ignore_index: int | None = None) -> None:
@@ -614,8 +622,8 @@ class SwitchEncoderDecoderModel(SwitchPreTrainedModel):
 
     def set_input_embeddings(self, new_embeddings):
         self.shared = new_embeddings
-        self.encoder.set_input_embeddings(new_embeddings)
-        self.decoder.set_input_embeddings(new_embeddings)
+        self.encoder.set_input_embeddings(_stack_embeddings(new_embeddings, self.config))
+        self.decoder.set_input_embeddings(_stack_embeddings(new_embeddings, self.config))
 
     def get_encoder(self):
         return self.encoder
@@ -768,7 +776,7 @@ class SwitchForConditionalGeneration(SwitchEncoderDecoderModel, GenerationMixin)
                 "statistics. Leave output_routing_stats at True when passing labels."
             )
         if labels is not None:
-            _check_token_ids(labels, self.config.vocab_size, "labels", ignore_index=-100)
+            _check_token_ids(labels, self.lm_head.out_features, "labels", ignore_index=-100)
         if labels is not None and decoder_input_ids is None and decoder_inputs_embeds is None:
             decoder_input_ids = self._shift_right(labels)
         if labels is not None and decoder_attention_mask is None and self.config.router_ignore_padding_tokens:
@@ -877,7 +885,7 @@ class SwitchEncoderModel(SwitchPreTrainedModel):
 
     def set_input_embeddings(self, new_embeddings):
         self.shared = new_embeddings
-        self.encoder.set_input_embeddings(new_embeddings)
+        self.encoder.set_input_embeddings(_stack_embeddings(new_embeddings, self.config))
 
     @can_return_tuple
     def forward(
