@@ -7,7 +7,7 @@ import torch
 from conftest import random_batch, tiny_model
 from peft import LoraConfig, get_peft_model
 
-from hf_switch import SwitchForConditionalGeneration
+from hf_switch import SwitchEncoderModel, SwitchForConditionalGeneration, SwitchModel
 from hf_switch.routing import SwitchRouter
 
 
@@ -133,3 +133,19 @@ def test_a_resized_vocabulary_trains_on_its_new_ids_and_survives_save_and_load(
     batch["input_ids"][0, 0] = size
     with pytest.raises(ValueError, match=f"input_ids: token id {size} is outside the vocabulary"):
         loaded(**batch)
+
+
+@pytest.mark.parametrize("model_class", [SwitchEncoderModel, SwitchModel, SwitchForConditionalGeneration])
+def test_tuple_outputs_hold_tensors_only_and_trace(model_class):
+    config = tiny_model().config
+    config.return_dict, config.use_cache = False, False  # what tracing tools set
+    model = model_class(config).eval()
+    batch = random_batch()
+    inputs = (batch["input_ids"], batch["attention_mask"])
+    if model_class is not SwitchEncoderModel:
+        inputs += (batch["labels"],)  # decoder_input_ids, the third positional argument
+    with torch.no_grad():
+        as_tuple = model(*inputs)
+        assert isinstance(as_tuple, tuple) and all(isinstance(value, torch.Tensor) for value in as_tuple)
+        traced = torch.jit.trace(model, inputs, strict=False, check_trace=False)
+        assert torch.allclose(traced(*inputs)[0], as_tuple[0], atol=1e-5)

@@ -182,6 +182,30 @@ class SwitchStackOutput(ModelOutput):
 
 
 @dataclass
+class SwitchEncoderOutput(ModelOutput):
+    """Output of [`SwitchEncoderModel`]: tensors only, so that `return_dict=False` tuples can be traced.
+
+    Args:
+        last_hidden_state: `[B, T, d]`.
+        hidden_states, attentions: as in T5, on request.
+        aux_loss: scalar, sum over the sparse layers of the load-balancing loss (0 without sparse layers).
+        z_loss: scalar, sum over the sparse layers of the router z-loss.
+        router_logits: per sparse layer `[B, T, E]`, with `output_router_logits`.
+        expert_counts: `[num_sparse_layers, E]` token slots each expert filled.
+        dropped_fraction: `[num_sparse_layers]` routed slots dropped by capacity.
+    """
+
+    last_hidden_state: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+    aux_loss: torch.Tensor | None = None
+    z_loss: torch.Tensor | None = None
+    router_logits: tuple[torch.Tensor, ...] | None = None
+    expert_counts: torch.Tensor | None = None
+    dropped_fraction: torch.Tensor | None = None
+
+
+@dataclass
 class SwitchSeq2SeqOutput(ModelOutput):
     """Output of [`SwitchModel`] and [`SwitchForConditionalGeneration`].
 
@@ -648,6 +672,7 @@ class SwitchEncoderDecoderModel(SwitchPreTrainedModel):
                 attention_mask=attention_mask,
                 inputs_embeds=inputs_embeds,
                 output_router_logits=output_router_logits,
+                return_dict=True,  # the stack's output object, whatever `config.return_dict` asks of the model
                 **kwargs,
             )
         elif not isinstance(encoder_outputs, SwitchStackOutput):
@@ -661,6 +686,7 @@ class SwitchEncoderDecoderModel(SwitchPreTrainedModel):
             encoder_attention_mask=attention_mask,
             use_cache=use_cache,
             output_router_logits=output_router_logits,
+            return_dict=True,
             **kwargs,
         )
         return encoder_outputs, decoder_outputs
@@ -890,13 +916,21 @@ class SwitchEncoderModel(SwitchPreTrainedModel):
     @can_return_tuple
     def forward(
         self, input_ids=None, attention_mask=None, inputs_embeds=None, output_router_logits=False, **kwargs
-    ) -> SwitchStackOutput:
-        return self.encoder(
+    ) -> SwitchEncoderOutput:
+        outputs = self.encoder(
             input_ids=input_ids,
             attention_mask=attention_mask,
             inputs_embeds=inputs_embeds,
             output_router_logits=output_router_logits,
+            return_dict=True,
             **kwargs,
+        )
+        routing = _summarize_routing("encoder", outputs, output_router_logits)
+        return SwitchEncoderOutput(
+            last_hidden_state=outputs.last_hidden_state,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            **{name.removeprefix("encoder_"): value for name, value in routing.items()},
         )
 
 
@@ -906,6 +940,7 @@ __all__ = [
     "SwitchForConditionalGeneration",
     "SwitchModel",
     "SwitchPreTrainedModel",
+    "SwitchEncoderOutput",
     "SwitchStackOutput",
     "SwitchSeq2SeqOutput",
 ]
