@@ -149,3 +149,15 @@ def test_tuple_outputs_hold_tensors_only_and_trace(model_class):
         assert isinstance(as_tuple, tuple) and all(isinstance(value, torch.Tensor) for value in as_tuple)
         traced = torch.jit.trace(model, inputs, strict=False, check_trace=False)
         assert torch.allclose(traced(*inputs)[0], as_tuple[0], atol=1e-5)
+
+
+def test_attention_weights_come_from_eager_attention_and_sdpa_refuses_to_return_empty_tuples():
+    model = tiny_model()
+    batch = random_batch()
+    with pytest.raises(ValueError, match="output_attentions=True: attn_implementation='sdpa' computes no attention"):
+        model(**batch, output_attentions=True)
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        output = model(**batch, output_attentions=True)
+    assert len(output.encoder_attentions) == 2 and output.encoder_attentions[0].shape == (3, 2, 11, 11)
+    assert len(output.cross_attentions) == 2 and output.cross_attentions[0].shape == (3, 2, 9, 11)

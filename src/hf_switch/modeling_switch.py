@@ -463,6 +463,13 @@ class SwitchStack(SwitchPreTrainedModel):
         passes it, since nothing reads them while decoding and they cost about 5 % of a decoding step."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
+        attention = self.config._attn_implementation
+        if kwargs.get("output_attentions", self.config.output_attentions) and attention != "eager":
+            # transformers would only log this and return empty tuples.
+            raise ValueError(
+                f"output_attentions=True: attn_implementation={attention!r} computes no attention weights. Load the "
+                "model with attn_implementation='eager', or call model.set_attn_implementation('eager') first."
+            )
         prefix = "decoder_" if self.is_decoder else ""
         if inputs_embeds is None:
             # The embedding's own size: `resize_token_embeddings` replaces it without touching this stack's config.
