@@ -161,3 +161,20 @@ def test_attention_weights_come_from_eager_attention_and_sdpa_refuses_to_return_
         output = model(**batch, output_attentions=True)
     assert len(output.encoder_attentions) == 2 and output.encoder_attentions[0].shape == (3, 2, 11, 11)
     assert len(output.cross_attentions) == 2 and output.cross_attentions[0].shape == (3, 2, 9, 11)
+
+
+@pytest.mark.parametrize("model_class", [SwitchEncoderModel, SwitchModel, SwitchForConditionalGeneration, "stack"])
+def test_every_public_forward_takes_transformers_keywords_and_refuses_what_it_would_ignore(model_class):
+    model = tiny_model() if model_class == "stack" else model_class(tiny_model().config)
+    model.set_attn_implementation("eager")
+    forward = model.encoder if model_class == "stack" else model
+    batch = random_batch()
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if model_class in (SwitchModel, SwitchForConditionalGeneration):
+        inputs.update(decoder_input_ids=batch["labels"], use_cache=True, past_key_values=None)
+    standard = dict(output_attentions=True, output_hidden_states=True, output_router_logits=True, return_dict=True)
+    with torch.no_grad():
+        forward(**inputs, **standard)
+        forward(**inputs, output_routing_stats=False)
+        with pytest.raises(TypeError, match=r"forward\(\) got keyword arguments it does not use: colour, position_ids"):
+            forward(**inputs, colour="red", position_ids=torch.arange(11))

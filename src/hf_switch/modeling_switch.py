@@ -461,6 +461,7 @@ class SwitchStack(SwitchPreTrainedModel):
     ) -> SwitchStackOutput:
         """`output_routing_stats=False` skips the router losses and loads (`routing` is then None): `generate()`
         passes it, since nothing reads them while decoding and they cost about 5 % of a decoding step."""
+        _refuse_unknown_keywords(kwargs, type(self).__name__)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
         attention = self.config._attn_implementation
@@ -551,6 +552,20 @@ class SwitchStack(SwitchPreTrainedModel):
             router.step_expert_counts += layer_counts
             fractions.append(router.step_expert_counts / router.step_expert_counts.sum().clamp(min=1))
         return fractions
+
+
+# Keywords a forward takes beyond its named arguments: transformers' output flags (read by the output capturing and
+# the attention layers) and the routing statistics switch. Anything else would be silently ignored, so it is refused.
+ACCEPTED_KEYWORDS = frozenset({"output_attentions", "output_hidden_states", "output_routing_stats"})
+
+
+def _refuse_unknown_keywords(kwargs: dict, owner: str) -> None:
+    unknown = sorted(set(kwargs) - ACCEPTED_KEYWORDS)
+    if unknown:
+        raise TypeError(
+            f"{owner}.forward() got keyword arguments it does not use: {', '.join(unknown)}. Besides its named "
+            f"arguments it takes {', '.join(sorted(ACCEPTED_KEYWORDS))} (and return_dict)."
+        )
 
 
 def _stack_embeddings(embeddings: nn.Embedding, config: SwitchConfig) -> nn.Embedding:
@@ -737,6 +752,7 @@ class SwitchModel(SwitchEncoderDecoderModel):
         output_router_logits=False,
         **kwargs,
     ) -> SwitchSeq2SeqOutput:
+        _refuse_unknown_keywords(kwargs, type(self).__name__)
         encoder_outputs, decoder_outputs = self._encode_decode(
             input_ids,
             attention_mask,
@@ -803,6 +819,7 @@ class SwitchForConditionalGeneration(SwitchEncoderDecoderModel, GenerationMixin)
         output_routing_stats (keyword, default True): False skips the router losses and expert loads of both stacks
             (their output fields are then None), as `generate()` does; not with `labels`, whose loss needs them.
         """
+        _refuse_unknown_keywords(kwargs, type(self).__name__)
         if labels is not None and kwargs.get("output_routing_stats") is False:
             raise ValueError(
                 "output_routing_stats=False with labels: the loss adds the router losses, which need the routing "
@@ -924,6 +941,7 @@ class SwitchEncoderModel(SwitchPreTrainedModel):
     def forward(
         self, input_ids=None, attention_mask=None, inputs_embeds=None, output_router_logits=False, **kwargs
     ) -> SwitchEncoderOutput:
+        _refuse_unknown_keywords(kwargs, type(self).__name__)
         outputs = self.encoder(
             input_ids=input_ids,
             attention_mask=attention_mask,
