@@ -237,21 +237,28 @@ def report(root: Path, out: Path, name: str) -> None:
 
 
 def _print_table(task: str, runs: dict) -> None:
-    print(f"\n{task}\n| run | steps | final eval loss | s/step | steps to T5's final loss | dropped % (last log) |")
-    print("|---|---|---|---|---|---|")
+    print(
+        f"\n{task}\n| run | steps | final eval loss | s/step | steps to T5's final loss | training seconds to T5's "
+        "final loss | dropped % (last log) |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for name, summary in runs.items():
         seed = name.rsplit("-seed", 1)[1]
         baseline = runs.get(f"t5-seed{seed}")
-        reach = None
+        reach = {}
         if baseline and baseline["finished"] and not name.startswith("t5"):
-            curve = list(zip(summary["steps"], summary["eval_loss"], strict=True))
-            reach = _reach_step(curve, baseline["eval_loss"][-1])
+            for axis in ("steps", "train_seconds"):
+                curve = list(zip(summary[axis], summary["eval_loss"], strict=True))
+                reach[axis] = _reach_step(curve, baseline["eval_loss"][-1])
         seconds = summary["train_seconds"][-1] / summary["steps"][-1] if summary["train_seconds"][-1] else np.nan
         dropped = ", ".join(f"{100 * value:.1f}" for value in summary["dropped_fraction"].values()) or "-"
-        reach_text = "-" if reach is None else f"{reach:.0f} ({reach / baseline['steps'][-1]:.2f}x)"
+        reach_text = [
+            "-" if reach.get(axis) is None else f"{reach[axis]:.0f} ({reach[axis] / baseline[axis][-1]:.2f}x)"
+            for axis in ("steps", "train_seconds")
+        ]
         print(
-            f"| {name} | {summary['steps'][-1]} | {summary['eval_loss'][-1]:.3f} | {seconds:.3f} | {reach_text} | "
-            f"{dropped} |"
+            f"| {name} | {summary['steps'][-1]} | {summary['eval_loss'][-1]:.3f} | {seconds:.3f} | {reach_text[0]} | "
+            f"{reach_text[1]} | {dropped} |"
         )
 
 
