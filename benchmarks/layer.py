@@ -32,18 +32,22 @@ class LayerCase:
         capacity = "dropless" if self.capacity_factor is None else f"cf{self.capacity_factor}"
         return f"E{self.num_experts}-{capacity}"
 
+    def config(self, **overrides) -> SwitchConfig:
+        """The case's layer as a `SwitchConfig`, without dropout."""
+        return SwitchConfig(
+            d_model=self.d_model,
+            d_ff=self.d_ff,
+            num_experts=self.num_experts,
+            capacity_factor=self.capacity_factor,
+            dropout_rate=0.0,
+            **overrides,
+        )
+
 
 def build_layers(case: LayerCase, seed: int = 0) -> dict[str, nn.Module]:
     """hf_switch's layer, transformers' layer with the same weights, and the dense FFN of one expert's size."""
     torch.manual_seed(seed)
-    config = SwitchConfig(
-        d_model=case.d_model,
-        d_ff=case.d_ff,
-        num_experts=case.num_experts,
-        capacity_factor=case.capacity_factor,
-        dropout_rate=0.0,
-        router_jitter_noise=0.0,
-    )
+    config = case.config(router_jitter_noise=0.0)
     ours = SwitchSparseMLP(config)
     nn.init.normal_(ours.router.classifier.weight, std=(0.1 / case.d_model) ** 0.5)
     nn.init.normal_(ours.experts.wi, std=case.d_model**-0.5)

@@ -10,7 +10,6 @@ choices per expert and the bias update (`end_balancing_step`).
 
 import torch
 
-from hf_switch import SwitchConfig
 from hf_switch.modeling_switch import SwitchSparseMLP
 from hf_switch.routing import chosen_expert_counts, end_balancing_step, routing_stats
 
@@ -29,15 +28,7 @@ def _layers(case: LayerCase) -> dict[str, SwitchSparseMLP]:
     layers = {}
     for name, routing in VARIANTS.items():
         torch.manual_seed(0)  # the same weights for every variant
-        config = SwitchConfig(
-            d_model=case.d_model,
-            d_ff=case.d_ff,
-            num_experts=case.num_experts,
-            capacity_factor=case.capacity_factor,
-            dropout_rate=0.0,
-            **routing,
-        )
-        layers[name] = SwitchSparseMLP(config).train()
+        layers[name] = SwitchSparseMLP(case.config(**routing)).train()
     return layers
 
 

@@ -68,6 +68,21 @@ def random_batch(batch=3, source=11, target=9, seed=1, pad_last=0):
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def accumulating_trainer(model, output_dir, callbacks=(), **arguments):
+    """A `SwitchTrainer` of two optimizer steps, each of two micro-batches of 2 sequences (6 source, 5 target
+    tokens), on 8 random rows."""
+    from transformers import Seq2SeqTrainingArguments
+
+    from hf_switch.training import SwitchTrainer
+
+    batch = random_batch(batch=8, source=6, target=5)
+    rows = [{name: tensor[row] for name, tensor in batch.items() if name != "attention_mask"} for row in range(8)]
+    settings = dict(per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=2, report_to=[])
+    settings.update(use_cpu=True, save_strategy="no", disable_tqdm=True, **arguments)
+    training_arguments = Seq2SeqTrainingArguments(output_dir, **settings)
+    return SwitchTrainer(model=model, args=training_arguments, train_dataset=rows, callbacks=list(callbacks))
+
+
 @pytest.fixture
 def batch():
     return random_batch()

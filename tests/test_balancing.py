@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import random_batch, tiny_model
-from transformers import Seq2SeqTrainingArguments, TrainerCallback
+from conftest import accumulating_trainer, random_batch, tiny_model
+from transformers import TrainerCallback
 
 from hf_switch.routing import SwitchRouter, end_balancing_step
-from hf_switch.training import SwitchTrainer
 
 WORKER = Path(__file__).parent / "balancing_worker.py"
 GLOBAL = dict(load_balancing_scope="global_batch", capacity_factor=None, num_experts=4)
@@ -78,21 +77,8 @@ class _RecordCounts(TrainerCallback):
 
 def test_trainer_sums_counts_over_gradient_accumulation_and_clears_them_after_each_step(tmp_path):
     model = tiny_model(**GLOBAL).train()
-    batch = random_batch(batch=8, source=6, target=5)
-    rows = [{name: tensor[row] for name, tensor in batch.items() if name != "attention_mask"} for row in range(8)]
     recorder = _RecordCounts(_routers(model.encoder)[0])
-    arguments = Seq2SeqTrainingArguments(
-        tmp_path,
-        per_device_train_batch_size=2,
-        gradient_accumulation_steps=2,
-        max_steps=2,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        disable_tqdm=True,
-    )
-    trainer = SwitchTrainer(model=model, args=arguments, train_dataset=rows, callbacks=[recorder])
-    trainer.train()
+    accumulating_trainer(model, tmp_path, callbacks=[recorder]).train()
     tokens = 2 * 6  # encoder tokens of one micro-batch, no padding
     assert recorder.after_micro_batch == [tokens, 2 * tokens, tokens, 2 * tokens]
     assert not recorder.router.step_expert_counts.any()

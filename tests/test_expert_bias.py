@@ -3,14 +3,13 @@ gates or a gradient, updated from each optimizer step's load."""
 
 import pytest
 import torch
-from conftest import random_batch, tiny_config, tiny_model
-from transformers import Seq2SeqTrainingArguments, TrainerCallback
+from conftest import accumulating_trainer, random_batch, tiny_config, tiny_model
+from transformers import TrainerCallback
 
 from hf_switch import SwitchForConditionalGeneration
 from hf_switch.conversion import save_as_switch_transformers
 from hf_switch.hub import describe_balancing
 from hf_switch.routing import SwitchRouter, chosen_expert_counts, end_balancing_step, update_expert_bias
-from hf_switch.training import SwitchTrainer
 from hf_switch.training.callbacks import add_routing_dashboard
 
 BIAS = dict(router_expert_bias=True, capacity_factor=None, num_experts=4)
@@ -134,21 +133,8 @@ def test_expert_bias_moves_once_per_optimizer_step_under_the_trainer(tmp_path):
     """Through `SwitchTrainer` alone: one bias step per optimizer step from the counts of all its micro-batches, and
     the dashboard logs the bias spread and the max violation."""
     model = tiny_model(**BIAS, router_bias_update_rate=0.05).train()
-    batch = random_batch(batch=8, source=6, target=5)
-    rows = [{name: tensor[row] for name, tensor in batch.items() if name != "attention_mask"} for row in range(8)]
-    arguments = Seq2SeqTrainingArguments(
-        tmp_path,
-        per_device_train_batch_size=2,
-        gradient_accumulation_steps=2,
-        max_steps=2,
-        logging_steps=1,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        disable_tqdm=True,
-    )
     recorder = _RecordStepCounts(_routers(model))
-    trainer = SwitchTrainer(model=model, args=arguments, train_dataset=rows, callbacks=[recorder])
+    trainer = accumulating_trainer(model, tmp_path, callbacks=[recorder], logging_steps=1)
     dashboard = add_routing_dashboard(trainer)
     trainer.train()
     assert len(recorder.steps) == 2
