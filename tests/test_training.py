@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, GenerationConfig, PreTrainedTokenizerFast
 
 import hf_switch
 from hf_switch.training import main
@@ -91,6 +91,13 @@ def test_seq2seq_run_with_generation_metrics_from_a_yaml_file(tmp_path, pairs_fi
     )
     metrics = main([str(config)])
     assert {"eval_bleu", "eval_chrf", "eval_rouge1", "eval_loss"} <= set(metrics)
+    # The saved folder generates with the run's length on its own (transformers' default would stop at 20 tokens).
+    assert GenerationConfig.from_pretrained(tmp_path / "run").max_length == 8
+    model = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "run")
+    generated = model.generate(
+        **AutoTokenizer.from_pretrained(tmp_path / "run")(["swap: red cat"], return_tensors="pt")
+    )
+    assert generated.shape[1] <= 8
 
 
 def test_resume_from_checkpoint_reproduces_the_uninterrupted_losses(tmp_path, text_file):

@@ -457,15 +457,20 @@ class SwitchStack(SwitchPreTrainedModel):
         use_cache=None,
         output_router_logits=False,
         output_routing_stats=True,
-        **kwargs,
+        output_attentions=None,
+        output_hidden_states=None,
     ) -> SwitchStackOutput:
         """`output_routing_stats=False` skips the router losses and loads (`routing` is then None): `generate()`
-        passes it, since nothing reads them while decoding and they cost about 5 % of a decoding step."""
-        _refuse_unknown_keywords(kwargs, type(self).__name__)
+        passes it, since nothing reads them while decoding and they cost about 5 % of a decoding step.
+        `output_attentions` and `output_hidden_states` are read by transformers' output capturing around this method.
+
+        No catch-all keywords: `generate()` hands the encoder every keyword a signature with one would take (the
+        `labels` of `Seq2SeqTrainer`'s evaluation among them), and a keyword this stack does not use is an error.
+        """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
         attention = self.config._attn_implementation
-        if kwargs.get("output_attentions", self.config.output_attentions) and attention != "eager":
+        if (output_attentions or self.config.output_attentions) and attention != "eager":
             # transformers would only log this and return empty tuples.
             raise ValueError(
                 f"output_attentions=True: attn_implementation={attention!r} computes no attention weights. Load the "
@@ -519,7 +524,6 @@ class SwitchStack(SwitchPreTrainedModel):
                 encoder_decoder_position_bias,
                 token_mask,
                 cache=cache,
-                **kwargs,
             )
             if decision is not None:
                 decisions.append(decision.rejoined(router_logits))
@@ -554,17 +558,17 @@ class SwitchStack(SwitchPreTrainedModel):
         return fractions
 
 
-# Keywords a forward takes beyond its named arguments: transformers' output flags (read by the output capturing and
-# the attention layers) and the routing statistics switch. Anything else would be silently ignored, so it is refused.
-ACCEPTED_KEYWORDS = frozenset({"output_attentions", "output_hidden_states", "output_routing_stats"})
+# Keywords a forward takes beyond its named arguments: transformers' output flags (read by the output capturing) and
+# the routing statistics switch. Anything else would be silently ignored, so it is refused.
+ACCEPTED_KEYWORDS = ("output_attentions", "output_hidden_states", "output_routing_stats")
 
 
 def _refuse_unknown_keywords(kwargs: dict, owner: str) -> None:
-    unknown = sorted(set(kwargs) - ACCEPTED_KEYWORDS)
+    unknown = sorted(set(kwargs) - set(ACCEPTED_KEYWORDS))
     if unknown:
         raise TypeError(
             f"{owner}.forward() got keyword arguments it does not use: {', '.join(unknown)}. Besides its named "
-            f"arguments it takes {', '.join(sorted(ACCEPTED_KEYWORDS))} (and return_dict)."
+            f"arguments it takes {', '.join(ACCEPTED_KEYWORDS)} (and return_dict)."
         )
 
 

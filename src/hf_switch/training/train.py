@@ -207,6 +207,15 @@ def build_model(model_args: ModelArguments, tokenizer, expert_parallel_size: int
     return SwitchForConditionalGeneration(SwitchConfig(**{**dims, **sparse, **special, **overrides}))
 
 
+def _record_generation_settings(model, data_args: DataArguments, training_args: Seq2SeqTrainingArguments) -> None:
+    """Write the run's generation length (and beams) into the model's generation config, which every save carries,
+    so that `generate()` on the saved folder gives outputs as long as the run's, not transformers' 20-token default."""
+    generation = model.generation_config
+    generation.max_length = training_args.generation_max_length or data_args.max_target_length
+    if training_args.generation_num_beams is not None:
+        generation.num_beams = training_args.generation_num_beams
+
+
 def _limit(dataset, count):
     return dataset if count is None else dataset.select(range(min(count, len(dataset))))
 
@@ -253,6 +262,7 @@ def run(
     collator = DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100)
     if prepare_model is not None:
         model = prepare_model(model, datasets, collator)
+    _record_generation_settings(model, data_args, training_args)
 
     compute_metrics = None
     if data_args.objective == "seq2seq" and training_args.predict_with_generate:
