@@ -48,7 +48,9 @@ def plot_expert_load(history: list[dict], path: Path) -> None:
         counts = np.array([entry["layers"][layer]["expert_counts"] for entry in history], dtype=float)
         shares[layer] = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     top_share = max(share.max() for share in shares.values())
-    figure, axes = plt.subplots(len(layers) + 2, 1, figsize=(8, 1.9 * len(layers) + 4.5), squeeze=False)
+    figure, axes = plt.subplots(
+        len(layers) + 2, 1, figsize=(8, 1.9 * len(layers) + 4.5), squeeze=False, layout="constrained"
+    )
     for axis, layer in zip(axes[: len(layers), 0], layers, strict=True):
         image = axis.imshow(
             shares[layer].T, aspect="auto", cmap="viridis", vmin=0, vmax=top_share, interpolation="nearest"
