@@ -214,8 +214,10 @@ def report(root: Path, out: Path, name: str) -> None:
         results[task] = {name: summary for name, summary in results[task].items() if summary["steps"]}
         if not results[task]:
             continue
+        # Means over seeds compare finished runs only (a run still in progress would cut every curve short).
+        finished = {name: summary for name, summary in results[task].items() if summary["finished"]} or results[task]
         figure, (by_step, by_time) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-        for run, seeds in _by_run(results[task]).items():
+        for run, seeds in _by_run(finished).items():
             steps, losses = _seed_curves(seeds, "eval_loss")
             seconds = _seed_curves(seeds, "train_seconds")[1].mean(axis=0)
             label = f"{run} ({len(seeds)} seed{'s' if len(seeds) > 1 else ''})"
@@ -232,7 +234,7 @@ def report(root: Path, out: Path, name: str) -> None:
         figure.savefig(out / f"{name}_{task}.png", dpi=120)
         plt.close(figure)
         _print_table(task, results[task])
-        _print_seed_table(task, _by_run(results[task]))
+        _print_seed_table(task, _by_run(finished))
     (out / f"{name}.json").write_text(json.dumps(results, indent=1))
 
 
