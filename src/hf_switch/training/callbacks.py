@@ -17,8 +17,8 @@ STATS_FILE = "routing_stats.json"
 
 
 class BalancingStepCallback(TrainerCallback):
-    """Tells the routers that an optimizer step is done (`routing.end_balancing_step`), so that the global-batch
-    load-balancing loss counts the gradient-accumulation micro-batches of one optimizer step.
+    """Tells the routers that an optimizer step is done (`routing.end_balancing_step`): expert biases move against the
+    step's load, and the global-batch load-balancing loss starts counting the next step's micro-batches.
 
     `SwitchTrainer` adds it."""
 
