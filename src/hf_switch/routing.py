@@ -285,22 +285,23 @@ def routing_stats(decision: RouterDecision, expert_fraction: torch.Tensor | None
             is the global-batch one (`SwitchConfig.load_balancing_scope="global_batch"`), else per routing group.
     """
     num_experts = decision.probs.shape[-1]
-    routed = decision.token_mask[:, :, None].expand_as(decision.kept)
     kept_experts = decision.expert_index[decision.kept]
     expert_counts = torch.bincount(kept_experts, minlength=num_experts)
-    dropped = (routed & ~decision.kept).sum().to(torch.float32)
     if decision.experts_choose:
         # Balanced by construction: no load-balancing loss. A dropped token is one that no expert took.
         routed = decision.token_mask
         dropped = (routed & ~decision.kept.any(dim=-1)).sum().to(torch.float32)
         aux_loss = decision.probs.new_zeros((), dtype=torch.float32)
-    elif expert_fraction is None:
-        groups = decision.groups
-        aux_loss = load_balancing_loss(
-            groups.gather(decision.probs), groups.gather(decision.expert_index), groups.gather(decision.token_mask)
-        )
     else:
-        aux_loss = global_load_balancing_loss(decision.probs, decision.token_mask, expert_fraction)
+        routed = decision.token_mask[:, :, None].expand_as(decision.kept)
+        dropped = (routed & ~decision.kept).sum().to(torch.float32)
+        if expert_fraction is None:
+            groups = decision.groups
+            aux_loss = load_balancing_loss(
+                groups.gather(decision.probs), groups.gather(decision.expert_index), groups.gather(decision.token_mask)
+            )
+        else:
+            aux_loss = global_load_balancing_loss(decision.probs, decision.token_mask, expert_fraction)
     return RoutingStats(
         aux_loss=aux_loss,
         z_loss=router_z_loss(decision.logits, decision.token_mask),
