@@ -19,6 +19,12 @@ PRESETS: dict[str, dict] = {
 }
 
 
+def did_you_mean(name: str, choices, otherwise: str) -> str:
+    """ "did you mean X or Y?" with the choices closest to a mistyped `name`, else `otherwise`."""
+    close = difflib.get_close_matches(name, choices, n=3)
+    return f"did you mean {' or '.join(close)}?" if close else otherwise
+
+
 def check_folder_or_hub_id(text: str, name: str) -> str:
     """`text` if it is a local folder or can be a Hub id (`name` or `org/name`), else a `FileNotFoundError` naming
     `name`, raised before any Hub call. An `org/name` whose `org` is a local folder is taken for a mistyped path."""
@@ -150,10 +156,7 @@ def parse_config_overrides(overrides: str | None) -> dict:
         if not separator:
             raise ValueError(f"--config_overrides: {item!r} is not 'field=value'.")
         if name not in fields:
-            close = difflib.get_close_matches(name, fields, n=3)
-            hint = (
-                f"did you mean {' or '.join(close)}?" if close else "see `help(hf_switch.SwitchConfig)` for the fields."
-            )
+            hint = did_you_mean(name, fields, otherwise="see `help(hf_switch.SwitchConfig)` for the fields.")
             raise ValueError(f"--config_overrides: {name!r} is not a SwitchConfig field; {hint}")
         parsed[name] = _parse_value(text.strip())
     return parsed

@@ -6,7 +6,6 @@ help texts, with a tokenizer trained on them once and shipped in the package.
 """
 
 import argparse
-import difflib
 import json
 import logging
 import os
@@ -28,7 +27,14 @@ from transformers import (
 
 from ..configuration_switch import SwitchConfig
 from ..modeling_switch import SwitchForConditionalGeneration, SwitchStack
-from .arguments import PRESETS, DataArguments, ModelArguments, parse_config_overrides, resolve_expert_parallel_size
+from .arguments import (
+    PRESETS,
+    DataArguments,
+    ModelArguments,
+    did_you_mean,
+    parse_config_overrides,
+    resolve_expert_parallel_size,
+)
 from .callbacks import TrainingClockCallback, add_routing_dashboard
 from .data import check_columns, load_raw_datasets, tokenize, train_tokenizer
 from .metrics import generation_metrics
@@ -129,9 +135,8 @@ def _refuse_unknown_flags(parser: HfArgumentParser, argv: list[str]) -> None:
     known = parser._option_string_actions
     for flag in (argument.split("=", 1)[0] for argument in argv if argument.startswith("--")):
         if flag not in known:
-            close = difflib.get_close_matches(flag, known, n=3)
-            hint = f"; did you mean {' or '.join(close)}?" if close else f"; `{parser.prog} --help` lists the flags"
-            parser.error(f"unrecognized argument {flag}{hint}")
+            hint = did_you_mean(flag, known, otherwise=f"`{parser.prog} --help` lists the flags")
+            parser.error(f"unrecognized argument {flag}; {hint}")
 
 
 def _situational_defaults(model_args: ModelArguments, data_args: DataArguments) -> dict:
