@@ -76,6 +76,7 @@ def _upcycle(arguments: argparse.Namespace) -> None:
     from transformers import AutoTokenizer
 
     from hf_switch.training.arguments import parse_config_overrides
+    from hf_switch.training.train import summary_text, switch_load_lines
     from hf_switch.upcycling import upcycle
 
     model = upcycle(
@@ -90,10 +91,12 @@ def _upcycle(arguments: argparse.Namespace) -> None:
         AutoTokenizer.from_pretrained(arguments.dense).save_pretrained(arguments.destination)
     destination = arguments.destination
     print(
-        f"hf-switch upcycle: wrote a Switch model with {arguments.num_experts} experts per sparse layer to "
-        f"{destination}\n  load it:\n    import hf_switch\n    from transformers import AutoModelForSeq2SeqLM\n"
-        f'    model = AutoModelForSeq2SeqLM.from_pretrained("{destination}")\n  next (train on from it):\n'
-        f"    hf-switch train --model_name_or_path {destination} --train_file DATA --output_dir OUT"
+        summary_text(
+            f"hf-switch upcycle: wrote a Switch model with {arguments.num_experts} experts per sparse layer",
+            {"saved to": destination},
+            switch_load_lines(destination, with_tokenizer=Path(destination, "tokenizer_config.json").exists()),
+            [f"hf-switch train --model_name_or_path {destination} --train_file DATA --output_dir OUT"],
+        )
     )
 
 

@@ -308,12 +308,36 @@ def end_training(trainer: Seq2SeqTrainer) -> None:
 _BOOKKEEPING = ("eval_runtime", "eval_samples_per_second", "eval_steps_per_second", "epoch")
 
 
+def summary_text(headline: str, entries: dict[str, str], load: list[str], next_steps: list[str]) -> str:
+    """The lines a command ends with: a headline, labelled entries, how to load what it wrote and what to run next."""
+    return "\n".join(
+        [
+            headline,
+            *(f"  {label + ':':<15}{value}" for label, value in entries.items()),
+            "  load it:",
+            *(f"    {line}" for line in load),
+            "  next:",
+            *(f"    {line}" for line in next_steps),
+        ]
+    )
+
+
+def switch_load_lines(folder, with_tokenizer: bool = True) -> list[str]:
+    """The lines that load a saved Switch model (and its tokenizer) with the Auto classes."""
+    lines = [
+        "import hf_switch  # registers the Switch classes with the Auto classes",
+        f"from transformers import AutoModelForSeq2SeqLM{', AutoTokenizer' if with_tokenizer else ''}",
+        f'model = AutoModelForSeq2SeqLM.from_pretrained("{folder}")',
+    ]
+    return lines + ([f'tokenizer = AutoTokenizer.from_pretrained("{folder}")'] if with_tokenizer else [])
+
+
 def closing_summary(command: str, trainer: Seq2SeqTrainer, metrics: dict, load: list[str], next_steps: list[str]):
-    """The lines a command ends with: where the model, plots and logs are, the final metrics, how to load the model
+    """The end of a training command: where the model, plots and logs are, the final metrics, how to load the model
     and what to run next."""
     folder = Path(trainer.args.output_dir)
     scores = ", ".join(
-        f"{name.removeprefix('eval_')} {value:.4g}" if isinstance(value, float) else f"{name} {value}"
+        f"{name.removeprefix('eval_')} {f'{value:.4g}' if isinstance(value, float) else value}"
         for name, value in metrics.items()
         if name not in _BOOKKEEPING
     )
@@ -323,18 +347,13 @@ def closing_summary(command: str, trainer: Seq2SeqTrainer, metrics: dict, load: 
         logs.append(str(folder / "routing_stats.json"))
     if "tensorboard" in trainer.args.report_to:
         logs.append(f"TensorBoard: tensorboard --logdir {os.environ.get('TENSORBOARD_LOGGING_DIR', folder / 'runs')}")
-    lines = [
-        f"hf-switch {command}: done, {trainer.state.global_step} steps",
-        f"  saved to:      {folder}",
-        f"  final eval:    {scores or '-'}",
-        f"  plots:         {', '.join(plots) or '- (nothing logged)'}",
-        f"  logs:          {'; '.join(logs)}",
-        "  load it:",
-        *(f"    {line}" for line in load),
-        "  next:",
-        *(f"    {line}" for line in next_steps),
-    ]
-    return "\n".join(lines)
+    entries = {
+        "saved to": str(folder),
+        "final eval": scores or "-",
+        "plots": ", ".join(plots) or "- (nothing logged)",
+        "logs": "; ".join(logs),
+    }
+    return summary_text(f"hf-switch {command}: done, {trainer.state.global_step} steps", entries, load, next_steps)
 
 
 MULTI_PROCESS_OFF = ("--cpu", "--multi_gpu")  # left out of the suggested command, which sets --multi_gpu itself
@@ -393,12 +412,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "train",
                 trainer,
                 metrics,
-                load=[
-                    "import hf_switch  # registers the Switch classes with the Auto classes",
-                    "from transformers import AutoModelForSeq2SeqLM, AutoTokenizer",
-                    f'model = AutoModelForSeq2SeqLM.from_pretrained("{folder}")',
-                    f'tokenizer = AutoTokenizer.from_pretrained("{folder}")',
-                ],
+                load=switch_load_lines(folder),
                 next_steps=[
                     f"hf-switch finetune --model_name_or_path {folder} --train_file DATA.jsonl --output_dir OUT",
                     f"hf-switch publish {folder} --repo-id ORG/NAME --dry-run --local-dir PUBLISH",
