@@ -27,6 +27,20 @@ def test_save_and_load_round_trip_bit_exactly_with_stacked_experts(tmp_path):
     assert not torch.equal(loaded.lm_head.weight, loaded.shared.weight)
 
 
+def test_a_nonzero_rank_leaves_rank_zeros_folder_as_it_is(tmp_path, monkeypatch):
+    """transformers writes only on global rank 0, whatever `is_main_process` says; the atomic save must not then
+    swap rank 1's empty staging folder over the one rank 0 wrote (a DDP job calling `save_pretrained(folder)` on
+    every rank lost its weights that way)."""
+    model = tiny_model()
+    model.save_pretrained(tmp_path)
+    written = sorted(path.name for path in tmp_path.iterdir())
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
+    model.save_pretrained(tmp_path, is_main_process=True)
+    assert sorted(path.name for path in tmp_path.iterdir()) == written
+    assert SwitchForConditionalGeneration.from_pretrained(tmp_path)
+
+
 def test_auto_classes_are_registered(tmp_path):
     config = tiny_model().config
     assert isinstance(AutoModel.from_config(config), SwitchModel)

@@ -282,12 +282,16 @@ class SwitchPreTrainedModel(PreTrainedModel):
 
         Under expert parallelism the folder holds every expert and says `expert_parallel_size=1`: it loads in one
         process, or under any expert-parallel size. Every rank must call it (the experts are gathered from the
-        group), unless `state_dict` is already `expert_parallel.consolidated_state_dict(model)`.
+        group), unless `state_dict` is already `expert_parallel.consolidated_state_dict(model)`; it returns on every
+        rank once the folder is in place (when it gathered the experts itself).
+
+        As in transformers, only global rank 0 writes when torch.distributed is initialised, whatever
+        `is_main_process` says on the other ranks (`should_save_on_this_rank`).
         """
         if self.config.expert_parallel_size > 1:
             return self._save_expert_parallel(save_directory, is_main_process, *args, **kwargs)
         target = Path(save_directory)
-        if not is_main_process or target.is_file():
+        if not self.should_save_on_this_rank(is_main_process) or target.is_file():
             # Other ranks write nothing of their own here; transformers reports a file in the way.
             return super().save_pretrained(
                 save_directory, is_main_process, *args, save_original_format=save_original_format, **kwargs
@@ -329,7 +333,8 @@ class SwitchPreTrainedModel(PreTrainedModel):
     def _save_expert_parallel(self, save_directory, is_main_process, *args, state_dict=None, **kwargs):
         from .expert_parallel import consolidated_state_dict
 
-        if state_dict is None:
+        collective = state_dict is None
+        if collective:
             state_dict = consolidated_state_dict(self)
         for name, module in self.named_modules():
             if isinstance(module, SwitchExperts) and state_dict[f"{name}.wo"].shape[0] != self.config.num_experts:
@@ -338,13 +343,16 @@ class SwitchPreTrainedModel(PreTrainedModel):
                     f"rank's share of {self.config.num_experts}; pass hf_switch.expert_parallel."
                     "consolidated_state_dict(model) (called on every rank), or no state_dict."
                 )
-        if not is_main_process:
-            return None
-        self.config.expert_parallel_size, expert_parallel_size = 1, self.config.expert_parallel_size
-        try:
-            return self.save_pretrained(save_directory, is_main_process, *args, state_dict=state_dict, **kwargs)
-        finally:
-            self.config.expert_parallel_size = expert_parallel_size
+        result = None
+        if self.should_save_on_this_rank(is_main_process):
+            self.config.expert_parallel_size, expert_parallel_size = 1, self.config.expert_parallel_size
+            try:
+                result = self.save_pretrained(save_directory, is_main_process, *args, state_dict=state_dict, **kwargs)
+            finally:
+                self.config.expert_parallel_size = expert_parallel_size
+        if collective:
+            torch.distributed.barrier()
+        return result
 
     @staticmethod
     def _load_pretrained_model(model, state_dict, checkpoint_files, load_config, *args, **kwargs):
