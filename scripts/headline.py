@@ -7,7 +7,9 @@
 Tasks, from ../shared/data: "translate", one model translating Multi30k English into German, French and Czech (a
 target-language prefix on the source); "span", T5 span-corruption pretraining on NTREX-128 (about 115 languages).
 Runs: "t5" (dense, the mini preset's dims), "switch-E" (E experts in every other layer, the mini preset otherwise;
-E in 2, 8, 32). Every run has the same steps, batch, learning-rate schedule and seed, and the task's one tokenizer.
+E in 2, 8, 32), balancing variants of switch-8, and "distill-*": dense T5 students of the finished switch-8 run of
+the same task and seed (the paper's Table 6). Every run has the same steps, batch, learning-rate schedule and seed,
+and the task's one tokenizer.
 Each run is `hf-switch train` with checkpoints under ROOT; rerunning `train` resumes unfinished runs and skips
 finished ones, so the experiment can span sessions. `report` reads finished and partial runs alike.
 """
@@ -34,6 +36,13 @@ RUNS = {
     # Expert choice in the encoder at the compute of top-1 (capacity factor 1.0); the decoder keeps the aux loss.
     "switch-8-ec": ["--config_overrides", "num_experts=8,encoder_router_type=experts_choose"],
 }
+# The paper's Table 6 in miniature: dense T5 students of the finished switch-8 run of the same task and seed.
+DISTILL_RUNS = {
+    "distill-plain": ["--expert_init", "none", "--distill_alpha", "1.0"],  # a fresh T5, soft targets only
+    "distill-init": ["--expert_init", "fresh", "--distill_alpha", "1.0"],  # + the teacher's non-expert weights
+    "distill-init-mix": ["--expert_init", "fresh", "--distill_alpha", "0.25"],  # + 0.75 of the ground-truth loss
+}
+TEACHER = "switch-8"
 COMMON = [
     "--preset", "mini", "--per_device_train_batch_size", "32", "--per_device_eval_batch_size", "128",
     "--learning_rate", "1e-3", "--warmup_steps", "100", "--lr_scheduler_type", "linear",
@@ -101,17 +110,23 @@ def train_run(root: Path, task: str, run: str, seed: int, steps: int) -> str:
     output = root / task / f"{run}-seed{seed}"
     if (output / "eval_results.json").exists():
         return f"{output}: done"
+    command, model = "train", RUNS.get(run)
+    if run in DISTILL_RUNS:
+        teacher = root / task / f"{TEACHER}-seed{seed}"
+        if not (teacher / "eval_results.json").exists():
+            return f"{output}: its teacher {teacher} has not finished; train it first"
+        command, model = "distill", [*DISTILL_RUNS[run], "--model_name_or_path", str(teacher)]
     arguments = [
         *COMMON,
         *(argument.format(data=data) for argument in TASKS[task]),
-        *RUNS[run],
+        *model,
         "--tokenizer_name_or_path", str(data / "tokenizer"), "--seed", str(seed), "--max_steps", str(steps),
         "--output_dir", str(output),
     ]  # fmt: skip
     if any(output.glob("checkpoint-*")):
         arguments += ["--resume_from_checkpoint", "true"]
     output.mkdir(parents=True, exist_ok=True)
-    commands = [["hf-switch", "train", *arguments]]
+    commands = [["hf-switch", command, *arguments]]
     if task == "translate":
         commands.append([sys.executable, __file__, "score", str(output), str(data)])
     environment = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
@@ -235,6 +250,7 @@ def report(root: Path, out: Path, name: str) -> None:
         plt.close(figure)
         _print_table(task, results[task])
         _print_seed_table(task, _by_run(finished))
+        _print_distillation_table(task, finished)
     (out / f"{name}.json").write_text(json.dumps(results, indent=1))
 
 
@@ -288,13 +304,37 @@ def _print_seed_table(task: str, runs: dict[str, dict[str, dict]]) -> None:
         )
 
 
+def _print_distillation_table(task: str, runs: dict) -> None:
+    """Table 6's "teacher performance kept": the student's gain over the T5 trained alone, as a fraction of the
+    teacher's gain, in eval loss (the paper's negative log perplexity), all at the same steps and seed."""
+    students = [name for name in runs if name.rsplit("-seed", 1)[0] in DISTILL_RUNS]
+    if not students:
+        return
+    print(f"\n{task}, distillation\n| student | eval loss | T5 alone | teacher | teacher's gain kept | BLEU | chrF |")
+    print("|---|---|---|---|---|---|---|")
+    for name in students:
+        seed = name.rsplit("-seed", 1)[1]
+        baseline, teacher = runs.get(f"t5-seed{seed}"), runs.get(f"{TEACHER}-seed{seed}")
+        if baseline is None or teacher is None:
+            continue
+        student_loss, baseline_loss, teacher_loss = (run["eval_loss"][-1] for run in (runs[name], baseline, teacher))
+        kept = (baseline_loss - student_loss) / (baseline_loss - teacher_loss)
+        scores = runs[name]["test_scores"]
+        bleu, chrf = (f"{scores['all'][metric]:.2f}" if scores else "-" for metric in ("bleu", "chrf"))
+        print(
+            f"| {name} | {student_loss:.3f} | {baseline_loss:.3f} | {teacher_loss:.3f} | {100 * kept:.0f} % | {bleu} | "
+            f"{chrf} |"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train")
     train.add_argument("root", type=Path)
     train.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
-    train.add_argument("--runs", nargs="+", choices=list(RUNS), default=["t5", "switch-8", "switch-32", "switch-2"])
+    default_runs = ["t5", "switch-8", "switch-32", "switch-2"]
+    train.add_argument("--runs", nargs="+", choices=[*RUNS, *DISTILL_RUNS], default=default_runs)
     train.add_argument("--seeds", nargs="+", type=int, default=[0])
     train.add_argument("--steps", type=int, default=3000)
     train.add_argument("--parallel", type=int, default=2)
