@@ -86,10 +86,11 @@ def prepare_translation(folder: Path) -> list[str]:
 
 
 def prepare_span(folder: Path) -> list[str]:
-    """Every NTREX-128 file's lines, one text file."""
-    texts = [line for path in sorted((DATA / "ntrex128").glob("*.txt.gz")) for line in _lines(path) if line.strip()]
-    (folder / "train.txt").write_text("\n".join(texts) + "\n")
-    return texts
+    """Every NTREX-128 file's lines, one text file; every 8th line of each file for the tokenizer (Unigram training
+    on all 48 MB takes over 15 minutes on one core, and each language keeps 250 sentences)."""
+    files = [[line for line in _lines(path) if line.strip()] for path in sorted((DATA / "ntrex128").glob("*.txt.gz"))]
+    (folder / "train.txt").write_text("".join(line + "\n" for lines in files for line in lines))
+    return [line for lines in files for line in lines[::8]]
 
 
 def prepare(root: Path, task: str) -> Path:
