@@ -141,28 +141,18 @@ def train_run(root: Path, task: str, run: str, seed: int, steps: int) -> str:
 
 def score_translation(run: Path, data: Path) -> None:
     """Greedy translations of the Multi30k 2016 test set; BLEU and chrF per target language -> test_scores.json."""
-    import torch
-    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+    from hf_switch.prediction import generate_predictions, load_for_prediction, score_predictions
 
-    import hf_switch  # noqa: F401  (registers the Auto classes)
-    from hf_switch.training.metrics import load_metrics
-
-    model = AutoModelForSeq2SeqLM.from_pretrained(run).eval()
-    tokenizer = AutoTokenizer.from_pretrained(run)
+    model, tokenizer = load_for_prediction(str(run), device="cpu")
     rows = [json.loads(line) for line in (data / "test.jsonl").read_text().splitlines()]
-    predictions = []
-    for start in range(0, len(rows), 128):
-        batch = tokenizer([row["source"] for row in rows[start : start + 128]], return_tensors="pt", padding=True)
-        with torch.no_grad():
-            generated = model.generate(**batch, max_new_tokens=48, do_sample=False)
-        predictions += [text.strip() for text in tokenizer.batch_decode(generated, skip_special_tokens=True)]
+    predictions = generate_predictions(
+        model, tokenizer, [row["source"] for row in rows], batch_size=128, progress=False, max_new_tokens=48
+    )
     scores = {}
     for language in [*LANGUAGES, "all"]:
         chosen = [i for i, row in enumerate(rows) if language in ("all", row["language"])]
-        metrics = load_metrics("bleu,chrf").compute(
-            predictions=[predictions[i] for i in chosen], references=[rows[i]["target"] for i in chosen]
-        )
-        scores[language] = {name: round(float(value), 2) for name, value in metrics.items()}
+        metrics = score_predictions([predictions[i] for i in chosen], [rows[i]["target"] for i in chosen])
+        scores[language] = {name: round(value, 2) for name, value in metrics.items() if isinstance(value, float)}
     (run / "test_scores.json").write_text(json.dumps(scores, indent=1))
 
 

@@ -9,8 +9,9 @@ from pathlib import Path
 
 from huggingface_hub.errors import StrictDataclassClassValidationError
 
-# Commands whose flags are transformers' HfArgumentParser dataclasses: their arguments are handed over untouched.
-TRAINING_COMMANDS = {
+# Commands with a parser of their own (transformers' HfArgumentParser dataclasses for training): their arguments are
+# handed over untouched.
+DELEGATED_COMMANDS = {
     "train": (
         "hf_switch.training",
         "main",
@@ -22,6 +23,11 @@ TRAINING_COMMANDS = {
         "distill_main",
         "distil the --model_name_or_path Switch teacher into a dense T5: train's arguments plus --expert_init, "
         "--distill_alpha, --distill_temperature, --student_*",
+    ),
+    "predict": (
+        "hf_switch.prediction",
+        "predict_main",
+        "translate or summarise a file with a saved model (Switch or T5) and score it against references",
     ),
 }
 # Mistakes in what the user asked for, as opposed to failures of the library: one line, exit status 2.
@@ -180,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     upcycle.add_argument("--config_overrides", help="other SwitchConfig fields, e.g. 'capacity_factor=1.0'")
     upcycle.set_defaults(run=_upcycle)
 
-    for name, (_, _, description) in TRAINING_COMMANDS.items():
+    for name, (_, _, description) in DELEGATED_COMMANDS.items():
         commands.add_parser(name, add_help=False, help=f"{description}; `hf-switch {name} --help` lists its flags")
 
     publish = commands.add_parser(
@@ -219,8 +225,8 @@ def main(argv: list[str] | None = None) -> None:
     argv = [argument for argument in argv if argument != "--debug"]
     command = argv[0] if argv else ""
     try:
-        if command in TRAINING_COMMANDS:
-            module, function, _ = TRAINING_COMMANDS[command]
+        if command in DELEGATED_COMMANDS:
+            module, function, _ = DELEGATED_COMMANDS[command]
             getattr(importlib.import_module(module), function)(argv[1:])
             return
         arguments = build_parser().parse_args(argv)

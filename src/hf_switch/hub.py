@@ -243,6 +243,7 @@ def build_hub_folder(
         repo_id=repo_id,
         base_model=base_model,
         has_tokenizer=any(name in copied for name in TOKENIZER_FILES),
+        prefix=_saved_prefix(folder),
         routing=routing,
         plots=plots,
         evaluation=evaluation,
@@ -251,6 +252,12 @@ def build_hub_folder(
     validate_card_data(card.data)
     card.save(output_dir / "README.md")
     return kind
+
+
+def _saved_prefix(folder: Path) -> str:
+    """The source prefix a run trained with (`config.prefix`, written by `hf-switch train --source_prefix`)."""
+    config_file = folder / "config.json"
+    return json.loads(config_file.read_text()).get("prefix") or "" if config_file.is_file() else ""
 
 
 def detect_kind(folder: Path) -> str:
@@ -397,16 +404,19 @@ class RoutingStats:
 
 
 def read_routing_stats(folder: Path) -> RoutingStats | None:
-    """The last logged step of `routing_stats.json` if the folder has one.
+    """The last logged step of `routing_stats.json` if the folder has one with a logged step.
 
-    The file is what `hf_switch.training.RoutingDashboardCallback` writes (schema in model_cards/README.md).
+    The file is what `hf_switch.training.RoutingDashboardCallback` writes (schema in model_cards/README.md); a run
+    shorter than its logging interval writes an empty history, and its card has no routing section.
     """
     path = folder / "routing_stats.json"
     if not path.is_file():
         return None
     stats = json.loads(path.read_text())
     history = stats.get("history") if isinstance(stats, dict) else None
-    _require_in_file(isinstance(history, list) and history, path, "history", "a non-empty list of logged steps")
+    _require_in_file(isinstance(history, list), path, "history", "a list of logged steps")
+    if not history:
+        return None
     last = history[-1]
     layers = last.get("layers") if isinstance(last, dict) else None
     _require_in_file(

@@ -114,6 +114,11 @@ class DataArguments:
     train_target_file: str | None = field(default=None, metadata={"help": "parallel line file: targets"})
     validation_source_file: str | None = field(default=None, metadata={"help": "parallel line file: sources"})
     validation_target_file: str | None = field(default=None, metadata={"help": "parallel line file: targets"})
+    test_file: str | None = field(
+        default=None, metadata={"help": "with --do_predict: predicted after training; same formats as train_file"}
+    )
+    test_source_file: str | None = field(default=None, metadata={"help": "with --do_predict: test sources"})
+    test_target_file: str | None = field(default=None, metadata={"help": "with --do_predict: test references"})
     text_column: str = field(default="text", metadata={"help": "column of raw text (span corruption)"})
     source_column: str = field(default="source", metadata={"help": "column of sources (seq2seq)"})
     target_column: str = field(default="target", metadata={"help": "column of targets (seq2seq)"})
@@ -130,6 +135,10 @@ class DataArguments:
     metrics: str = field(
         default="bleu,chrf,rouge", metadata={"help": "generation metrics with --predict_with_generate (seq2seq)"}
     )
+
+    @property
+    def has_test_data(self) -> bool:
+        return any((self.test_file, self.test_source_file, self.test_target_file))
 
     @property
     def uses_embedded_default(self) -> bool:

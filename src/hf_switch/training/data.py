@@ -90,6 +90,23 @@ def load_raw_datasets(data_args: DataArguments, seed: int) -> DatasetDict:
     return raw
 
 
+def load_test_split(data_args: DataArguments) -> Dataset:
+    """The raw test split of `--test_file` or `--test_source_file`/`--test_target_file`, sources and references as
+    written (predictions are scored against these, not against tokenised and decoded references)."""
+    if data_args.test_source_file or data_args.test_target_file:
+        if not (data_args.test_source_file and data_args.test_target_file):
+            raise ValueError("--test_source_file and --test_target_file must be given together.")
+        if data_args.test_file:
+            raise ValueError("Give the test set once: --test_file, or --test_source_file and --test_target_file.")
+        test = _load_parallel(data_args.test_source_file, data_args.test_target_file, "test", data_args)
+    else:
+        test = _load_files({"test": data_args.test_file}, {"test": "test_file"})["test"]
+    check_columns(DatasetDict(test=test), data_args)
+    if len(test) == 0:
+        raise ValueError("The test split is empty: check --test_file or --test_source_file.")
+    return test
+
+
 def _required_columns(data_args: DataArguments) -> list[tuple[str, str]]:
     if data_args.objective == "span_corruption":
         return [("text_column", data_args.text_column)]

@@ -29,7 +29,8 @@ def generation_metrics(tokenizer, names: str):
         decoded_predictions = [text.strip() for text in tokenizer.batch_decode(predictions, skip_special_tokens=True)]
         decoded_labels = [text.strip() for text in tokenizer.batch_decode(labels, skip_special_tokens=True)]
         scores = metrics.compute(predictions=decoded_predictions, references=decoded_labels)
+        scores = {name: round(float(value), 4) for name, value in scores.items() if not name.endswith("_signature")}
         lengths = [np.count_nonzero(row != tokenizer.pad_token_id) for row in predictions]
-        return {**{name: round(float(value), 4) for name, value in scores.items()}, "gen_len": float(np.mean(lengths))}
+        return {**scores, "gen_len": float(np.mean(lengths))}
 
     return compute_metrics

@@ -36,9 +36,11 @@ from .arguments import (
     resolve_expert_parallel_size,
 )
 from .callbacks import TrainingClockCallback, add_routing_dashboard
-from .data import check_columns, load_raw_datasets, tokenize, train_tokenizer
+from .data import check_columns, load_raw_datasets, load_test_split, tokenize, train_tokenizer
 from .metrics import generation_metrics
 from .trainer import SwitchTrainer
+
+PREDICTIONS_FILE = "generated_predictions.txt"
 
 logger = logging.getLogger(__name__)
 
@@ -212,13 +214,25 @@ def build_model(model_args: ModelArguments, tokenizer, expert_parallel_size: int
     return SwitchForConditionalGeneration(SwitchConfig(**{**dims, **sparse, **special, **overrides}))
 
 
-def _record_generation_settings(model, data_args: DataArguments, training_args: Seq2SeqTrainingArguments) -> None:
-    """Write the run's generation length (and beams) into the model's generation config, which every save carries,
-    so that `generate()` on the saved folder gives outputs as long as the run's, not transformers' 20-token default."""
+def _record_inference_settings(model, data_args: DataArguments, training_args: Seq2SeqTrainingArguments) -> None:
+    """Write the run's generation length (and beams) into the model's generation config and its source prefix into
+    `config.prefix` (transformers' name for it), which every save carries: `generate()` on the saved folder gives
+    outputs as long as the run's, not transformers' 20-token default, and `hf-switch predict` applies the prefix."""
     generation = model.generation_config
     generation.max_length = training_args.generation_max_length or data_args.max_target_length
     if training_args.generation_num_beams is not None:
         generation.num_beams = training_args.generation_num_beams
+    if data_args.source_prefix:
+        model.config.prefix = data_args.source_prefix
+
+
+def _check_prediction_arguments(data_args: DataArguments, training_args: Seq2SeqTrainingArguments) -> None:
+    if training_args.do_predict and not data_args.has_test_data:
+        raise ValueError("--do_predict needs a test set: --test_file, or --test_source_file and --test_target_file.")
+    if data_args.has_test_data and not training_args.do_predict:
+        raise ValueError("A test set is given without --do_predict: add --do_predict to predict it after training.")
+    if training_args.do_predict and data_args.objective != "seq2seq":
+        raise ValueError(f"--do_predict needs --objective seq2seq (sources and references), not {data_args.objective}.")
 
 
 def _limit(dataset, count):
@@ -233,14 +247,17 @@ def run(
     callbacks=(),
     trainer_class=SwitchTrainer,
 ) -> tuple[Seq2SeqTrainer, dict]:
-    """Train, evaluate and save; returns the trainer and the final evaluation metrics.
+    """Train, evaluate and save, then with `--do_predict` predict the test set; returns the trainer and the final
+    evaluation metrics.
 
     `prepare_model(model, datasets, collator)` maps the built model to the one trained (wrapping it with LoRA
     adapters, or building a dense student from it as a teacher); `callbacks` are added to the Trainer, which
     `trainer_class(**keyword_arguments)` builds (a `Seq2SeqTrainer` subclass, or a function binding extra ones).
     """
     check_launcher_started_every_process()
+    _check_prediction_arguments(data_args, training_args)
     set_seed(training_args.seed)  # before the model's random init, not only inside the Trainer
+    test = load_test_split(data_args) if training_args.do_predict else None
     raw = load_raw_datasets(data_args, seed=training_args.seed)
     check_columns(raw, data_args)
     tokenizer_source = model_args.tokenizer_name_or_path
@@ -267,7 +284,7 @@ def run(
     collator = DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100)
     if prepare_model is not None:
         model = prepare_model(model, datasets, collator)
-    _record_generation_settings(model, data_args, training_args)
+    _record_inference_settings(model, data_args, training_args)
 
     compute_metrics = None
     if data_args.objective == "seq2seq" and training_args.predict_with_generate:
@@ -290,7 +307,34 @@ def run(
     metrics = trainer.evaluate(max_length=data_args.max_target_length)
     trainer.save_metrics("eval", metrics)
     trainer.save_state()
+    if test is not None:
+        predict_test_set(trainer, test, data_args)
     return trainer, metrics
+
+
+def predict_test_set(trainer: Seq2SeqTrainer, test, data_args: DataArguments) -> None:
+    """Predictions of the trained model for the test split in input order (`generated_predictions.txt`) and their
+    scores against the raw references (`predict_results.json`, merged into `all_results.json`), written by the main
+    process with the run's generation settings, prefix and source truncation."""
+    from ..prediction import format_predictions, generate_predictions, score_predictions, write_atomically
+
+    if trainer.is_world_process_zero():
+        model = trainer.accelerator.unwrap_model(trainer.model).eval()
+        sources = list(test[data_args.source_column])
+        predictions = generate_predictions(
+            model,
+            trainer.processing_class,
+            sources,
+            prefix=data_args.source_prefix,
+            batch_size=trainer.args.per_device_eval_batch_size,
+            max_source_length=data_args.max_source_length,
+            progress=not trainer.args.disable_tqdm,
+        )
+        text = format_predictions(predictions, sources, path=None)
+        write_atomically(Path(trainer.args.output_dir, PREDICTIONS_FILE), text)
+        scores = score_predictions(predictions, list(test[data_args.target_column]), data_args.metrics)
+        trainer.save_metrics("predict", {f"predict_{name}": value for name, value in scores.items()})
+    trainer.accelerator.wait_for_everyone()
 
 
 def end_training(trainer: Seq2SeqTrainer) -> None:
@@ -342,6 +386,7 @@ def closing_summary(command: str, trainer: Seq2SeqTrainer, metrics: dict, load: 
         if name not in _BOOKKEEPING
     )
     plots = [str(folder / name) for name in ("loss_curves.png", "expert_load.png") if (folder / name).exists()]
+    predictions = folder / PREDICTIONS_FILE
     logs = [str(folder / "trainer_state.json")]
     if (folder / "routing_stats.json").exists():
         logs.append(str(folder / "routing_stats.json"))
@@ -351,6 +396,7 @@ def closing_summary(command: str, trainer: Seq2SeqTrainer, metrics: dict, load: 
         "saved to": str(folder),
         "final eval": scores or "-",
         "plots": ", ".join(plots) or "- (nothing logged)",
+        **({"test set": f"{predictions}; scores in {folder / 'predict_results.json'}"} if predictions.exists() else {}),
         "logs": "; ".join(logs),
     }
     return summary_text(f"hf-switch {command}: done, {trainer.state.global_step} steps", entries, load, next_steps)

@@ -17,5 +17,6 @@ class Bleu(evaluate.Metric):
         )
 
     def _compute(self, predictions, references):
-        score = sacrebleu.corpus_bleu(predictions, [references])
-        return {"bleu": score.score}
+        metric = sacrebleu.metrics.BLEU()
+        score = metric.corpus_score(predictions, [references])
+        return {"bleu": score.score, "bleu_signature": str(metric.get_signature())}

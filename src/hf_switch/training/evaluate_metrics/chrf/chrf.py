@@ -17,4 +17,6 @@ class Chrf(evaluate.Metric):
         )
 
     def _compute(self, predictions, references):
-        return {"chrf": sacrebleu.corpus_chrf(predictions, [references]).score}
+        metric = sacrebleu.metrics.CHRF()
+        score = metric.corpus_score(predictions, [references])
+        return {"chrf": score.score, "chrf_signature": str(metric.get_signature())}
