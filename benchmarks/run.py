@@ -1,6 +1,7 @@
 """Run every benchmark, print ratio tables and write them as JSON.
 
-    python benchmarks/run.py [--quick] [--suites layer routing products model generation memory] [--json PATH]
+    python benchmarks/run.py [--quick] [--suites layer routing products model generation prediction memory]
+        [--json PATH]
 
 Times are ratios to a baseline measured in the same process, in alternation (see `timing.compare`). Memory cases run
 one per fresh process.
@@ -20,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.layer import LayerCase  # noqa: E402
 from benchmarks.layer import measure as measure_layer  # noqa: E402
 from benchmarks.model import ModelCase, measure_generation, measure_training  # noqa: E402
+from benchmarks.prediction import measure as measure_prediction  # noqa: E402
 from benchmarks.products import ProductCase  # noqa: E402
 from benchmarks.products import measure as measure_products  # noqa: E402
 from benchmarks.routing import kept_fractions  # noqa: E402
@@ -132,6 +134,21 @@ def run_generation(quick: bool, rounds: int) -> dict:
     return {"cases": {half.name: asdict(half)}, "new_tokens": new_tokens, "ratios": rows}
 
 
+def run_prediction(quick: bool, rounds: int) -> dict:
+    """`hf-switch predict` against a plain `generate()` loop: the mini Switch model, batches of 64 sources."""
+    count, new_tokens = (128, 8) if quick else (512, 24)
+    rows = measure_prediction(rounds, count=count, new_tokens=new_tokens)
+    print_table(
+        f"Prediction of {count} sources, {new_tokens} new tokens, time / a plain generate() loop's time",
+        rows,
+        ["plain generate() loop", "hf-switch predict"],
+    )
+    for name, variants in rows.items():
+        speeds = ", ".join(f"{variant} {result['sentences_per_s']:.1f}" for variant, result in variants.items())
+        print(f"  {name}: sentences per second: {speeds}")
+    return {"sources": count, "new_tokens": new_tokens, "batch_size": 64, "ratios": rows}
+
+
 def run_memory(quick: bool) -> dict:
     results = {}
     for case in model_cases(quick):
@@ -161,7 +178,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     parser.add_argument(
-        "--suites", nargs="+", default=["layer", "routing", "products", "model", "generation", "memory"]
+        "--suites", nargs="+", default=["layer", "routing", "products", "model", "generation", "prediction", "memory"]
     )
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds per comparison (default 7, quick 3)")
     parser.add_argument("--json", default="benchmarks/results.json", help="where to write the results")
@@ -179,6 +196,7 @@ def main() -> None:
                 "products": run_products,
                 "model": run_model,
                 "generation": run_generation,
+                "prediction": run_prediction,
             }
             results[suite] = suites[suite](args.quick, rounds)
     Path(args.json).write_text(json.dumps(results, indent=2))

@@ -179,9 +179,13 @@ def test_training_refuses_incomplete_prediction_arguments(tmp_path, extra, messa
         train([*arguments, *extra, "--max_steps", "1", "--report_to", "none", "--output_dir", str(tmp_path / "o")])
 
 
-def test_the_model_card_shows_how_to_generate_with_the_saved_prefix(run, tmp_path):
+def test_a_published_folder_predicts_with_remote_code_and_its_card_shows_the_prefix(run, tmp_path):
     cli(["publish", str(run / "run"), "--repo-id", "org/swap", "--dry-run", "--local-dir", str(tmp_path / "pub")])
     card = (tmp_path / "pub" / "README.md").read_text()
     assert 'inputs = tokenizer(["swap: Your text here."], return_tensors="pt")' in card
     assert 'trained with the source prefix "swap: "' in card
     assert "hf-switch predict org/swap inputs.txt --output predictions.txt" in card
+    output = tmp_path / "remote.txt"
+    cli(["predict", str(tmp_path / "pub"), str(run / "test.en"), "--output", str(output), "--trust_remote_code"]
+        + ["--quiet"])  # fmt: skip
+    assert output.read_text() == (run / "run" / "generated_predictions.txt").read_text()

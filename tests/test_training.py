@@ -3,6 +3,7 @@
 import gzip
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -232,3 +233,34 @@ def test_the_embedded_default_job_is_reproducible(tmp_path):
         history = json.loads((tmp_path / run / "trainer_state.json").read_text())["log_history"]
         losses.append([entry["loss"] for entry in history if "loss" in entry])
     assert len(losses[0]) == 3 and losses[0] == losses[1]
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["Příliš žluťoučký kůň úpěl ďábelské ódy.", "東京は日本の首都です 😀", "Ελληνικά и русский", "a <0x41> literal"],
+)
+def test_trained_tokenizers_fall_back_to_bytes_instead_of_losing_characters(text, tmp_path):
+    """Trained on English only, the tokenizer still round-trips accented and non-Latin text without `<unk>`."""
+    train_tokenizer(embedded_corpus()[:300], 300).save_pretrained(tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    ids = tokenizer(text)["input_ids"]
+    assert tokenizer.unk_token_id not in ids
+    assert tokenizer.decode(ids, skip_special_tokens=True) == text
+
+
+def test_unknown_tokens_in_the_validation_data_are_reported(tmp_path, pairs_file, caplog):
+    """A tokenizer without byte fallback turns unseen characters into `<unk>`: the run says how many."""
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel({"<pad>": 0, "</s>": 1, "<unk>": 2, "red": 3}, unk_token="<unk>")),
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+    )
+    tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    with caplog.at_level("WARNING"):
+        main(
+            _arguments(tmp_path / "run", "--objective", "seq2seq", "--train_file", str(pairs_file), "--max_steps", "1")
+            + ["--tokenizer_name_or_path", str(tmp_path / "tokenizer")]
+        )
+    assert re.search(r"<unk> is \d+\.\d % of the validation tokens \(\d+ of \d+\)", caplog.text), caplog.text

@@ -1,5 +1,6 @@
 """Data for training: raw datasets through `datasets`, a tokenizer, and tokenised train/validation splits."""
 
+import json
 from collections.abc import Iterable
 from itertools import chain
 from pathlib import Path
@@ -124,7 +125,9 @@ def check_columns(raw: DatasetDict, data_args: DataArguments) -> None:
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """A T5-style Unigram tokenizer: `<pad>`=0, `</s>`=1, `<unk>`=2, and sentinels `<extra_id_0..99>`."""
+    """A T5-style Unigram tokenizer: `<pad>`=0, `</s>`=1, `<unk>`=2, sentinels `<extra_id_0..99>`, the pieces learnt
+    from `texts` (`vocab_size` in all with the special tokens), then sentencepiece's 256 byte pieces for byte
+    fallback (`with_byte_fallback`)."""
     sentinels = [f"<extra_id_{i}>" for i in range(NUM_SENTINELS)]
     tokenizer = Tokenizer(models.Unigram())
     tokenizer.normalizer = normalizers.NFKC()
@@ -134,6 +137,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
         vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>", *sentinels], unk_token="<unk>"
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
+    tokenizer = with_byte_fallback(tokenizer)
     tokenizer.post_processor = processors.TemplateProcessing(
         single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", tokenizer.token_to_id("</s>"))]
     )
@@ -144,6 +148,23 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
         unk_token="<unk>",
         additional_special_tokens=sentinels,
     )
+
+
+BYTE_PIECES = [f"<0x{byte:02X}>" for byte in range(256)]
+
+
+def with_byte_fallback(tokenizer: Tokenizer) -> Tokenizer:
+    """The trained Unigram `tokenizer` with the byte pieces `<0x00>` ... `<0xFF>` appended and byte fallback on, as
+    sentencepiece's `byte_fallback`: a character no piece covers becomes its UTF-8 bytes instead of `<unk>`, and
+    decodes back to itself. Fallback does not need the byte pieces to score: they score far below any split into
+    learnt pieces, so a literal "<0x41>" in the text stays those six characters."""
+    state = json.loads(tokenizer.to_str())
+    vocab = state["model"]["vocab"]
+    lowest = min(score for _, score in vocab)
+    vocab += [[piece, lowest - 1000.0] for piece in BYTE_PIECES]
+    state["model"]["byte_fallback"] = True
+    state["decoder"] = {"type": "Sequence", "decoders": [{"type": "ByteFallback"}, state["decoder"]]}
+    return Tokenizer.from_str(json.dumps(state))
 
 
 def sentinel_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:

@@ -235,6 +235,25 @@ def _check_prediction_arguments(data_args: DataArguments, training_args: Seq2Seq
         raise ValueError(f"--do_predict needs --objective seq2seq (sources and references), not {data_args.objective}.")
 
 
+def _warn_about_unknown_tokens(validation, tokenizer) -> None:
+    """Say how much of the validation data the tokenizer maps to `<unk>`: characters it cannot represent are lost
+    from inputs and targets alike (hf_switch's trained tokenizers fall back to bytes; others may not)."""
+    if tokenizer.unk_token_id is None:
+        return
+    columns = [column for column in ("input_ids", "labels") if column in validation.column_names]
+    tokens = [token for column in columns for row in validation[column] for token in row]
+    unknown = sum(token == tokenizer.unk_token_id for token in tokens)
+    if unknown:
+        logger.warning(
+            "%s is %.1f %% of the validation tokens (%d of %d): the characters behind them are lost to the model. "
+            "A tokenizer trained by hf-switch train (no --tokenizer_name_or_path) falls back to bytes instead.",
+            tokenizer.unk_token,
+            100 * unknown / len(tokens),
+            unknown,
+            len(tokens),
+        )
+
+
 def _limit(dataset, count):
     return dataset if count is None else dataset.select(range(min(count, len(dataset))))
 
@@ -269,6 +288,7 @@ def run(
     tokenizer = _shared_tokenizer(tokenizer_source, raw, data_args, model_args, training_args)
     with training_args.main_process_first(desc="tokenize"):
         datasets = tokenize(raw, tokenizer, data_args, seed=training_args.seed)
+    _warn_about_unknown_tokens(datasets["validation"], tokenizer)
     deepspeed_config = training_args.deepspeed_plugin.deepspeed_config if training_args.deepspeed_plugin else None
     expert_parallel_size = resolve_expert_parallel_size(model_args.expert_parallel_size, deepspeed_config)
     model = build_model(model_args, tokenizer, expert_parallel_size)
