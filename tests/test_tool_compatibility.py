@@ -113,6 +113,21 @@ def test_activation_checkpointing_gives_the_loss_and_every_gradient_of_the_plain
         assert (gradients[name] - gradient).abs().max() < 1e-6, name
 
 
+def test_a_compiled_training_step_gives_the_loss_and_every_gradient_of_eager():
+    """`torch.compile` runs the training step (with graph breaks at the data-dependent dispatch: docs/reliability.md)
+    and computes what eager does, router losses included."""
+    config = dict(num_experts=4, router_z_loss_coef=0.1, router_aux_loss_coef=0.1)
+    batch = random_batch()
+    eager_loss, eager = _loss_and_gradients(tiny_model(**config).train(), batch)
+    compiled = torch.compile(tiny_model(**config).train())
+    loss, gradients = _loss_and_gradients(compiled, batch)
+    gradients = {name.removeprefix("_orig_mod."): gradient for name, gradient in gradients.items()}
+    assert loss == pytest.approx(eager_loss, abs=1e-6)
+    assert gradients.keys() == eager.keys()
+    for name, gradient in eager.items():
+        assert (gradients[name] - gradient).abs().max() < 1e-6, name
+
+
 @pytest.mark.parametrize(
     ("new_size", "pad_to_multiple_of", "tied"), [(74, None, True), (74, 8, False), (60, None, True)]
 )
