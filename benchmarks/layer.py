@@ -1,4 +1,5 @@
-"""One MoE layer against the dense FFN floor, balanced experts without routing, and transformers' layer.
+"""One MoE layer against the dense FFN floor, balanced experts without routing, and transformers' layer; hf_switch's
+layer also with transformers' registered expert kernels (`experts_implementation` "batched_mm" and "grouped_mm").
 
 Every variant holds the same weights and sees the same tokens; "fwd+bwd" backpropagates `output.sum()` into the
 input and every weight, and drops the gradients afterwards as `optimizer.zero_grad()` does.
@@ -12,10 +13,14 @@ from transformers import SwitchTransformersConfig
 from transformers.models.switch_transformers.modeling_switch_transformers import SwitchTransformersSparseMLP
 
 from hf_switch import SwitchConfig
-from hf_switch.experts import Dispatch
+from hf_switch.experts import TRANSFORMERS_EXPERTS, Dispatch
 from hf_switch.modeling_switch import SwitchSparseMLP
 
 from .timing import compare
+
+# transformers' batched_mm gathers one copy of an expert's weight matrix per token (`[tokens, d_ff, d_model]`): a
+# decoding kernel. Cases whose gather would exceed this leave it out.
+BATCHED_MM_BYTES = 2**30
 
 
 @dataclass
@@ -92,9 +97,10 @@ def layer_variants(case: LayerCase, backward: bool) -> dict:
     balanced = Dispatch(token_ids=torch.arange(tokens), weights=None, tokens_per_expert=counts)
     experts = layers["ours"].experts
 
-    def run(forward, *modules, layout="auto"):
+    def run(forward, *modules, layout="auto", implementation="eager"):
         def step():
             experts.layout = layout
+            layers["ours"].config._experts_implementation_internal = implementation
             with torch.set_grad_enabled(backward):
                 output = forward()
                 if backward:
@@ -112,6 +118,11 @@ def layer_variants(case: LayerCase, backward: bool) -> dict:
         "hf_switch": run(lambda: layers["ours"](hidden, token_mask)[0], layers["ours"]),
         "hf_switch_grouped": run(lambda: layers["ours"](hidden, token_mask)[0], layers["ours"], layout="grouped"),
         "hf_switch_padded": run(lambda: layers["ours"](hidden, token_mask)[0], layers["ours"], layout="padded"),
+        **{
+            f"hf_switch_{name}": run(lambda: layers["ours"](hidden, token_mask)[0], layers["ours"], implementation=name)
+            for name in TRANSFORMERS_EXPERTS
+            if name != "batched_mm" or tokens * case.d_ff * case.d_model * 4 <= BATCHED_MM_BYTES
+        },
         "transformers": run(lambda: layers["transformers"](hidden), layers["transformers"]),
     }
 

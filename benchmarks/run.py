@@ -57,7 +57,10 @@ def print_table(title: str, rows: dict[str, dict], columns: list[str]) -> None:
     print("| case | " + " | ".join(columns) + " |")
     print("|---" * (len(columns) + 1) + "|")
     for case, results in rows.items():
-        cells = [f"{results[c]['ratio']:.2f} ({results[c]['median_s'] * 1e3:.0f} ms)" for c in columns]
+        cells = [
+            f"{results[c]['ratio']:.2f} ({results[c]['median_s'] * 1e3:.0f} ms)" if c in results else "-"
+            for c in columns
+        ]
         print(f"| {case} | " + " | ".join(cells) + " |")
 
 
@@ -68,7 +71,15 @@ def run_layer(quick: bool, rounds: int) -> dict:
             key = f"{case.name} {'fwd+bwd' if backward else 'fwd'}"
             rows[key] = measure_layer(case, backward, rounds)
             print(f"  {key}: " + ", ".join(f"{k} {v['ratio']:.2f}" for k, v in rows[key].items()), flush=True)
-    columns = ["balanced_experts", "hf_switch", "hf_switch_grouped", "hf_switch_padded", "transformers"]
+    columns = [
+        "balanced_experts",
+        "hf_switch",
+        "hf_switch_grouped",
+        "hf_switch_padded",
+        "hf_switch_batched_mm",
+        "hf_switch_grouped_mm",
+        "transformers",
+    ]
     print_table("MoE layer, time / dense FFN time", rows, columns)
     return {"cases": {case.name: asdict(case) for case in layer_cases(quick)}, "ratios": rows}
 

@@ -6,13 +6,42 @@ transformers' fused MoE experts.
 """
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 from torch import nn
 from transformers.activations import ACT2FN
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from .configuration_switch import SwitchConfig
 from .expert_kernels import GradientMemory, GroupedLinear, PaddedLinear
+
+# transformers' registered expert kernels (`from_pretrained(..., experts_implementation=...)`) that run Switch experts
+# exactly: they take every (token, expert) pair with its weight, so a pair dropped by capacity runs with weight 0 and
+# adds nothing (its compute is spent, not saved). "eager" is hf_switch's own kernels, the default.
+TRANSFORMERS_EXPERTS = ("batched_mm", "grouped_mm")
+
+
+def check_experts_implementation(requested: str | None, config: SwitchConfig) -> str:
+    """The experts implementation a Switch model runs for `requested` (None: hf_switch's own, "eager")."""
+    if requested in (None, "eager"):
+        return "eager"
+    allowed = "'eager' (hf_switch's grouped and padded kernels, the default) or one of transformers' " + " and ".join(
+        repr(name) for name in TRANSFORMERS_EXPERTS
+    )
+    if requested not in TRANSFORMERS_EXPERTS:
+        why = (
+            "a CUDA kernel of transformers not verified with Switch experts"
+            if requested in ALL_EXPERTS_FUNCTIONS
+            else "not an experts implementation a Switch model can run"
+        )
+        raise ValueError(f"experts_implementation={requested!r} is {why}; choose {allowed}.")
+    if config.expert_parallel_size > 1:
+        raise ValueError(
+            f"experts_implementation={requested!r} runs every expert in this process, but expert_parallel_size="
+            f"{config.expert_parallel_size} spreads them over ranks: use 'eager' (hf_switch's all-to-all dispatch)."
+        )
+    return requested
 
 
 @dataclass
@@ -145,6 +174,37 @@ class SwitchExperts(nn.Module):
                 weights["wo"].dtype,
             )
         return combine(outputs, token_ids, pair_weights, hidden_states.shape[0])
+
+    def forward_pairs(self, implementation: str, hidden_states, expert_index, expert_weight, kept) -> torch.Tensor:
+        """The experts through transformers' kernel `implementation` (one of `TRANSFORMERS_EXPERTS`), which takes
+        every (token, expert) pair: `[N, d]` tokens, `[N, k]` experts, weights and kept pairs -> `[N, d]`.
+
+        The kernel reads this module through transformers' experts attributes: `up_proj` is `wi`, `gate_up_proj`
+        stacks `wi_0` over `wi_1` (a copy per call), `down_proj` is `wo`; the activation carries the expert dropout.
+        """
+        activate = lambda inner: self.dropout(self.act(inner))  # noqa: E731
+
+        def apply_gate(gate_up):
+            gate, up = gate_up.chunk(2, dim=-1)
+            return self.dropout(self.act(gate) * up)
+
+        experts = SimpleNamespace(
+            num_experts=self.num_local_experts,
+            has_gate=self.is_gated,
+            has_bias=False,
+            has_post_expert_norm=False,
+            is_transposed=False,
+            _is_expert_parallel=False,
+            act_fn=activate,
+            _apply_gate=apply_gate,
+            down_proj=self.wo,
+        )
+        if self.is_gated:
+            experts.gate_up_proj = torch.cat([self.wi_0, self.wi_1], dim=1)
+        else:
+            experts.up_proj = self.wi
+        weights = expert_weight.masked_fill(~kept, 0)
+        return ALL_EXPERTS_FUNCTIONS[implementation](experts, hidden_states, expert_index, weights)
 
     def _pads(self, group_sizes: list[int]) -> bool:
         if self.layout != "auto":

@@ -35,7 +35,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 from .cache import SwitchCache
 from .checkpoints import check_stored_dtypes, read_safetensors_header, swap_into_place, verify_loaded_keys
 from .configuration_switch import SwitchConfig
-from .experts import SwitchExperts, group_by_expert
+from .experts import TRANSFORMERS_EXPERTS, SwitchExperts, check_experts_implementation, group_by_expert
 from .routing import RouterDecision, RoutingStats, SwitchRouter, chosen_expert_counts, routing_stats
 
 
@@ -49,6 +49,7 @@ class SwitchSparseMLP(nn.Module):
 
     def __init__(self, config: SwitchConfig):
         super().__init__()
+        self.config = config  # the model's: `set_experts_implementation` changes it in place
         self.router = SwitchRouter(config)
         if config.expert_parallel_size > 1:
             # The same contract with the experts spread over ranks; imported here since it needs deepspeed.
@@ -63,13 +64,17 @@ class SwitchSparseMLP(nn.Module):
         batch, length, width = hidden_states.shape
         decision = self.router(hidden_states, token_mask, causal=causal, past_expert_index=past_expert_index)
         top_k = decision.expert_index.shape[-1]
-        dispatch = group_by_expert(
+        pairs = (
             decision.expert_index.reshape(-1, top_k),
             decision.expert_weight.to(hidden_states.dtype).reshape(-1, top_k),
             decision.kept.reshape(-1, top_k),
-            self.experts.num_experts,
         )
-        output = self.experts(hidden_states.reshape(-1, width), dispatch)
+        tokens = hidden_states.reshape(-1, width)
+        implementation = self.config._experts_implementation
+        if implementation in TRANSFORMERS_EXPERTS:
+            output = self.experts.forward_pairs(implementation, tokens, *pairs)
+        else:
+            output = self.experts(tokens, group_by_expert(*pairs, self.experts.num_experts))
         return output.reshape(batch, length, width), decision
 
 
@@ -264,6 +269,23 @@ class SwitchPreTrainedModel(PreTrainedModel):
         "attentions": OutputRecorder(T5LayerSelfAttention, index=-1),
         "cross_attentions": OutputRecorder(T5LayerCrossAttention, index=-1),
     }
+
+    @classmethod
+    def _can_set_experts_implementation(cls) -> bool:
+        return True  # transformers looks for its own decorator in the source; SwitchSparseMLP dispatches instead
+
+    def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
+        """`from_pretrained(..., experts_implementation=...)` and `set_experts_implementation`: hf_switch's kernels
+        ("eager", the default) or transformers' `batched_mm` / `grouped_mm`; any other name is refused."""
+        return check_experts_implementation(requested_experts, self.config)
+
+    def set_experts_implementation(self, experts_implementation: str):
+        """transformers' `set_experts_implementation`, reaching the encoder and decoder stacks, which hold copies of
+        the config (transformers passes it on to sub-models only when their config class differs)."""
+        super().set_experts_implementation(experts_implementation)
+        for module in self.modules():
+            if isinstance(module, SwitchPreTrainedModel):
+                module.config._experts_implementation_internal = self.config._experts_implementation
 
     def save_pretrained(
         self, save_directory, is_main_process: bool = True, *args, save_original_format: bool = False, **kwargs
