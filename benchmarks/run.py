@@ -1,7 +1,7 @@
 """Run every benchmark, print ratio tables and write them as JSON.
 
     python benchmarks/run.py [--quick] [--suites layer routing products model generation prediction memory]
-        [--json PATH]
+        [--json PATH] [--threads N]
 
 Times are ratios to a baseline measured in the same process, in alternation (see `timing.compare`). Memory cases run
 one per fresh process.
@@ -147,7 +147,7 @@ def run_generation(quick: bool, rounds: int) -> dict:
 
 def run_prediction(quick: bool, rounds: int) -> dict:
     """`hf-switch predict` against a plain `generate()` loop: the mini Switch model, batches of 64 sources."""
-    count, new_tokens = (128, 8) if quick else (512, 24)
+    count, new_tokens = (128, 8) if quick else (256, 24)
     rows = measure_prediction(rounds, count=count, new_tokens=new_tokens)
     print_table(
         f"Prediction of {count} sources, {new_tokens} new tokens, time / a plain generate() loop's time",
@@ -193,8 +193,9 @@ def main() -> None:
     )
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds per comparison (default 7, quick 3)")
     parser.add_argument("--json", default="benchmarks/results.json", help="where to write the results")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (1 beside other jobs)")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     rounds = args.rounds or (3 if args.quick else 7)
     results = {"torch": torch.__version__, "threads": torch.get_num_threads(), "quick": args.quick}
     for suite in args.suites:
