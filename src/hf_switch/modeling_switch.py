@@ -49,7 +49,7 @@ class SwitchSparseMLP(nn.Module):
 
     def __init__(self, config: SwitchConfig):
         super().__init__()
-        self.config = config  # the model's: `set_experts_implementation` changes it in place
+        self.config = config  # the stack's, which `set_experts_implementation` updates in place
         self.router = SwitchRouter(config)
         if config.expert_parallel_size > 1:
             # The same contract with the experts spread over ranks; imported here since it needs deepspeed.

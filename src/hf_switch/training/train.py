@@ -288,7 +288,7 @@ def run(
     tokenizer = _shared_tokenizer(tokenizer_source, raw, data_args, model_args, training_args)
     with training_args.main_process_first(desc="tokenize"):
         datasets = tokenize(raw, tokenizer, data_args, seed=training_args.seed)
-    _warn_about_unknown_tokens(datasets["validation"], tokenizer)
+    _warn_about_unknown_tokens(_limit(datasets["validation"], data_args.max_eval_samples), tokenizer)
     deepspeed_config = training_args.deepspeed_plugin.deepspeed_config if training_args.deepspeed_plugin else None
     expert_parallel_size = resolve_expert_parallel_size(model_args.expert_parallel_size, deepspeed_config)
     model = build_model(model_args, tokenizer, expert_parallel_size)
@@ -296,6 +296,11 @@ def run(
         from ..expert_parallel import check_deepspeed_config
 
         check_deepspeed_config(deepspeed_config)
+        if training_args.do_predict:  # the main process would generate alone, waiting on the others' experts
+            raise ValueError(
+                "--do_predict with expert parallelism is not supported: predict the saved folder in one process with "
+                "hf-switch predict OUTPUT_DIR TEST_FILE --references REFERENCES."
+            )
     if len(tokenizer) > model.config.vocab_size:
         raise ValueError(
             f"The tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {model.config.vocab_size}: "
