@@ -89,6 +89,19 @@ def test_float32_router_routes_exactly_where_a_bfloat16_router_collapses():
     assert load_balancing_loss(decision_bf16.probs, decision_bf16.expert_index, mask).item() == pytest.approx(1.0)
 
 
+def test_a_float32_router_stays_float32_under_autocast():
+    """Trainer's `--bf16` (and `--fp16`) trains a float32 model under `torch.autocast`, which would run the router's
+    projection in bfloat16 like any linear layer: the router opts out, and routes as in float32."""
+    hidden = _stress_hidden_states().float()
+    router = _stress_router("float32").float()
+    expected_accuracy, expected = _routing_accuracy(router, hidden)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        accuracy, decision = _routing_accuracy(router, hidden)
+    assert decision.logits.dtype == torch.float32 and decision.probs.dtype == torch.float32
+    assert accuracy == expected_accuracy == 1.0
+    assert torch.equal(decision.expert_index, expected.expert_index)
+
+
 def test_bfloat16_training_keeps_the_router_in_float32_and_finite():
     # The router is float32 inside a bfloat16 model (tests/test_training_signals.py checks one forward); here a few
     # optimiser steps with the router losses on stay finite, and the router's projection, cast back to float32 by its

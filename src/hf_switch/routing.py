@@ -314,12 +314,12 @@ def routing_stats(decision: RouterDecision, expert_fraction: torch.Tensor | None
 class SwitchRouter(nn.Module):
     """Scores tokens against experts and picks each token's top-k experts within capacity.
 
-    The projection runs in `config.router_dtype` whatever the model's dtype ("selective precision"). In training it
-    keeps `step_expert_counts`, `[E]` routed choices per expert summed over the micro-batches and processes of the
-    current optimizer step, which the global-batch load-balancing loss and the expert bias read (see
-    `end_balancing_step`). With `config.router_expert_bias` it holds `expert_bias`, `[E]` float32, added to the
-    probabilities for choosing experts only; a model cast to a lower precision casts it too (Trainer's mixed
-    precision keeps it in float32).
+    The projection runs in `config.router_dtype` whatever the model's dtype or an autocast region ("selective
+    precision"). In training it keeps `step_expert_counts`, `[E]` routed choices per expert summed over the
+    micro-batches and processes of the current optimizer step, which the global-batch load-balancing loss and the
+    expert bias read (see `end_balancing_step`). With `config.router_expert_bias` it holds `expert_bias`, `[E]`
+    float32, added to the probabilities for choosing experts only; a model cast to a lower precision casts it too
+    (Trainer's mixed precision keeps it in float32).
     """
 
     def __init__(self, config: SwitchConfig):
@@ -353,7 +353,9 @@ class SwitchRouter(nn.Module):
             # Selective precision, as transformers' router does it: the projection itself runs in the router dtype
             # whatever the model was cast to. A module call, so that hooks (accelerate's offloading, peft, probes) run.
             self.classifier.to(router_dtype)
-        logits = self.classifier(router_input)
+        # Autocast (Trainer's --bf16 / --fp16) would run the projection in its low precision whatever the weights'.
+        with torch.autocast(router_input.device.type, enabled=False):
+            logits = self.classifier(router_input)
         probs = nn.functional.softmax(logits, dim=-1, dtype=router_dtype)
 
         groups = RoutingGroups(self.config.routing_group, *token_mask.shape)
