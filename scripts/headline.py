@@ -207,11 +207,6 @@ def _seed_curves(seeds: dict[str, dict], key: str) -> tuple[list[int], np.ndarra
 
 
 def report(root: Path, out: Path, name: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     out.mkdir(parents=True, exist_ok=True)
     results = {}
     for task in TASKS:
@@ -222,27 +217,42 @@ def report(root: Path, out: Path, name: str) -> None:
             continue
         # Means over seeds compare finished runs only (a run still in progress would cut every curve short).
         finished = {name: summary for name, summary in results[task].items() if summary["finished"]} or results[task]
-        figure, (by_step, by_time) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-        for run, seeds in _by_run(finished).items():
-            steps, losses = _seed_curves(seeds, "eval_loss")
-            seconds = _seed_curves(seeds, "train_seconds")[1].mean(axis=0)
-            label = f"{run} ({len(seeds)} seed{'s' if len(seeds) > 1 else ''})"
-            for axis, x in ((by_step, steps), (by_time, seconds)):
-                line = axis.plot(x, losses.mean(axis=0), marker=".", label=label)[0]
-                if len(seeds) > 1:
-                    axis.fill_between(x, losses.min(axis=0), losses.max(axis=0), color=line.get_color(), alpha=0.2)
-        by_step.set_xlabel("step")
-        by_time.set_xlabel("training seconds (one thread, two runs at a time)")
-        by_step.set_ylabel("validation loss (mean over seeds; band: min-max)")
-        by_step.legend(fontsize=8)
-        figure.suptitle(f"{task}: validation loss (mini dims)")
-        figure.tight_layout()
-        figure.savefig(out / f"{name}_{task}.png", dpi=120)
-        plt.close(figure)
+        by_run = _by_run(finished)
+        models = {run: seeds for run, seeds in by_run.items() if run not in DISTILL_RUNS}
+        _plot(models, f"{task}: validation loss (mini dims)", out / f"{name}_{task}.png")
+        if len(models) < len(by_run):  # the students, beside T5 alone and their teacher
+            students = {run: seeds for run, seeds in by_run.items() if run in (*DISTILL_RUNS, "t5", TEACHER)}
+            _plot(students, f"{task}: dense students of {TEACHER}", out / f"{name}_{task}_distillation.png")
         _print_table(task, results[task])
-        _print_seed_table(task, _by_run(finished))
+        _print_seed_table(task, by_run)
         _print_distillation_table(task, finished)
     (out / f"{name}.json").write_text(json.dumps(results, indent=1))
+
+
+def _plot(runs: dict[str, dict[str, dict]], title: str, path: Path) -> None:
+    """Validation loss of each run (mean over seeds, min-max band) against steps and against training seconds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (by_step, by_time) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for run, seeds in runs.items():
+        steps, losses = _seed_curves(seeds, "eval_loss")
+        seconds = _seed_curves(seeds, "train_seconds")[1].mean(axis=0)
+        label = f"{run} ({len(seeds)} seed{'s' if len(seeds) > 1 else ''})"
+        for axis, x in ((by_step, steps), (by_time, seconds)):
+            line = axis.plot(x, losses.mean(axis=0), marker=".", label=label)[0]
+            if len(seeds) > 1:
+                axis.fill_between(x, losses.min(axis=0), losses.max(axis=0), color=line.get_color(), alpha=0.2)
+    by_step.set_xlabel("step")
+    by_time.set_xlabel("training seconds (one thread, two runs at a time)")
+    by_step.set_ylabel("validation loss (mean over seeds; band: min-max)")
+    by_step.legend(fontsize=8)
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
 
 
 def _print_table(task: str, runs: dict) -> None:
