@@ -7,11 +7,12 @@ import re
 import pytest
 import sacrebleu
 from conftest import tiny_t5
-from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, EvalPrediction
 
 from hf_switch.cli import main as cli
 from hf_switch.prediction import generate_predictions, score_predictions
 from hf_switch.training import main as train
+from hf_switch.training.metrics import generation_metrics
 
 WORDS = "red green blue small large cat dog house tree river".split()
 PREFIX = "swap: "
@@ -189,3 +190,20 @@ def test_a_published_folder_predicts_with_remote_code_and_its_card_shows_the_pre
     cli(["predict", str(tmp_path / "pub"), str(run / "test.en"), "--output", str(output), "--trust_remote_code"]
         + ["--quiet"])  # fmt: skip
     assert output.read_text() == (run / "run" / "generated_predictions.txt").read_text()
+
+
+def test_evaluation_scores_compare_with_the_raw_references(run):
+    """`--predict_with_generate` during training scores against the raw validation targets, not the labels decoded
+    back through the tokenizer (NFKC turns the ligature "ﬁ" into "fi", which would flatter the score)."""
+    tokenizer = AutoTokenizer.from_pretrained(run / "run")
+    references = ["the ﬁsh swims in the river", "a red cat sleeps in the house"]
+    predictions = ["the fish swims in the river", "a red cat sleeps in the house"]
+    encode = lambda texts: tokenizer(texts, padding=True, return_tensors="np")["input_ids"]  # noqa: E731
+    evaluation = EvalPrediction(predictions=encode(predictions), label_ids=encode(references))
+    raw = generation_metrics(tokenizer, "bleu,chrf", references=references)(evaluation)
+    assert raw["bleu"] == pytest.approx(sacrebleu.corpus_bleu(predictions, [references]).score, abs=1e-4)
+    assert raw["chrf"] == pytest.approx(sacrebleu.corpus_chrf(predictions, [references]).score, abs=1e-4)
+    decoded = generation_metrics(tokenizer, "bleu,chrf")(evaluation)
+    assert decoded["bleu"] == pytest.approx(100.0) and raw["bleu"] < 100
+    with pytest.raises(ValueError, match="2 predictions for 3 references"):
+        generation_metrics(tokenizer, "bleu", references=[*references, "extra"])(evaluation)

@@ -18,17 +18,30 @@ def load_metrics(names: str) -> evaluate.CombinedEvaluations:
     return evaluate.combine([evaluate.load(str(METRICS_FOLDER / name)) for name in requested])
 
 
-def generation_metrics(tokenizer, names: str):
-    """A `compute_metrics` for `Seq2SeqTrainer` with `predict_with_generate`: decode, then score."""
+def generation_metrics(tokenizer, names: str, references: list[str] | None = None):
+    """A `compute_metrics` for `Seq2SeqTrainer` with `predict_with_generate`: decode, then score.
+
+    With `references` (the evaluation set's raw target texts, in its order) the predictions are scored against
+    them, as sacreBLEU on the files would; without, against the labels decoded back (normalised by the tokenizer,
+    truncated to the target length, unknown characters lost).
+    """
     metrics = load_metrics(names)
 
     def compute_metrics(evaluation) -> dict[str, float]:
         predictions, labels = evaluation.predictions, evaluation.label_ids
         predictions = np.where(predictions < 0, tokenizer.pad_token_id, predictions)
-        labels = np.where(labels < 0, tokenizer.pad_token_id, labels)
         decoded_predictions = [text.strip() for text in tokenizer.batch_decode(predictions, skip_special_tokens=True)]
-        decoded_labels = [text.strip() for text in tokenizer.batch_decode(labels, skip_special_tokens=True)]
-        scores = metrics.compute(predictions=decoded_predictions, references=decoded_labels)
+        if references is None:
+            labels = np.where(labels < 0, tokenizer.pad_token_id, labels)
+            targets = [text.strip() for text in tokenizer.batch_decode(labels, skip_special_tokens=True)]
+        elif len(references) != len(decoded_predictions):
+            raise ValueError(
+                f"generation_metrics: {len(decoded_predictions)} predictions for {len(references)} references; "
+                "it scores the evaluation set it was given the references of."
+            )
+        else:
+            targets = references
+        scores = metrics.compute(predictions=decoded_predictions, references=targets)
         scores = {name: round(float(value), 4) for name, value in scores.items() if not name.endswith("_signature")}
         lengths = [np.count_nonzero(row != tokenizer.pad_token_id) for row in predictions]
         return {**scores, "gen_len": float(np.mean(lengths))}

@@ -313,7 +313,8 @@ def run(
 
     compute_metrics = None
     if data_args.objective == "seq2seq" and training_args.predict_with_generate:
-        compute_metrics = generation_metrics(tokenizer, data_args.metrics)
+        references = _limit(raw["validation"], data_args.max_eval_samples)[data_args.target_column]
+        compute_metrics = generation_metrics(tokenizer, data_args.metrics, references=list(references))
     trainer = trainer_class(
         model=model,
         args=training_args,
