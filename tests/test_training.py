@@ -248,7 +248,7 @@ def test_trained_tokenizers_fall_back_to_bytes_instead_of_losing_characters(text
     assert tokenizer.decode(ids, skip_special_tokens=True) == text
 
 
-def test_unknown_tokens_in_the_validation_data_are_reported(tmp_path, pairs_file, caplog):
+def test_unknown_tokens_in_the_validation_data_are_reported(tmp_path, pairs_file, caplog, capsys):
     """A tokenizer without byte fallback turns unseen characters into `<unk>`: the run says how many."""
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer(models.WordLevel({"<pad>": 0, "</s>": 1, "<unk>": 2, "red": 3}, unk_token="<unk>")),
@@ -264,3 +264,6 @@ def test_unknown_tokens_in_the_validation_data_are_reported(tmp_path, pairs_file
             + ["--tokenizer_name_or_path", str(tmp_path / "tokenizer")]
         )
     assert re.search(r"<unk> is \d+\.\d % of the validation tokens \(\d+ of \d+\)", caplog.text), caplog.text
+    share = json.loads((tmp_path / "run" / "train_results.json").read_text())["validation_unk_share"]
+    assert 0 < share <= 1
+    assert f"tokenizer:     <unk> is {share:.2%} of the validation tokens" in capsys.readouterr().out

@@ -235,11 +235,12 @@ def _check_prediction_arguments(data_args: DataArguments, training_args: Seq2Seq
         raise ValueError(f"--do_predict needs --objective seq2seq (sources and references), not {data_args.objective}.")
 
 
-def _warn_about_unknown_tokens(validation, tokenizer) -> None:
-    """Say how much of the validation data the tokenizer maps to `<unk>`: characters it cannot represent are lost
-    from inputs and targets alike (hf_switch's trained tokenizers fall back to bytes; others may not)."""
+def _unknown_token_share(validation, tokenizer) -> float | None:
+    """The share of the validation tokens (inputs and targets) that the tokenizer maps to `<unk>`, None for a
+    tokenizer without one; warns when there are any: the characters behind them are lost (hf_switch's trained
+    tokenizers fall back to bytes; others may not)."""
     if tokenizer.unk_token_id is None:
-        return
+        return None
     columns = [column for column in ("input_ids", "labels") if column in validation.column_names]
     tokens = [token for column in columns for row in validation[column] for token in row]
     unknown = sum(token == tokenizer.unk_token_id for token in tokens)
@@ -252,6 +253,7 @@ def _warn_about_unknown_tokens(validation, tokenizer) -> None:
             unknown,
             len(tokens),
         )
+    return unknown / max(len(tokens), 1)
 
 
 def _limit(dataset, count):
@@ -288,7 +290,7 @@ def run(
     tokenizer = _shared_tokenizer(tokenizer_source, raw, data_args, model_args, training_args)
     with training_args.main_process_first(desc="tokenize"):
         datasets = tokenize(raw, tokenizer, data_args, seed=training_args.seed)
-    _warn_about_unknown_tokens(_limit(datasets["validation"], data_args.max_eval_samples), tokenizer)
+    unknown_share = _unknown_token_share(_limit(datasets["validation"], data_args.max_eval_samples), tokenizer)
     deepspeed_config = training_args.deepspeed_plugin.deepspeed_config if training_args.deepspeed_plugin else None
     expert_parallel_size = resolve_expert_parallel_size(model_args.expert_parallel_size, deepspeed_config)
     model = build_model(model_args, tokenizer, expert_parallel_size)
@@ -329,7 +331,8 @@ def run(
         add_routing_dashboard(trainer)
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model()
-    trainer.save_metrics("train", train_result.metrics)
+    data_metrics = {} if unknown_share is None else {"validation_unk_share": unknown_share}
+    trainer.save_metrics("train", {**train_result.metrics, **data_metrics})
     metrics = trainer.evaluate(max_length=data_args.max_target_length)
     trainer.save_metrics("eval", metrics)
     trainer.save_state()
@@ -413,6 +416,10 @@ def closing_summary(command: str, trainer: Seq2SeqTrainer, metrics: dict, load: 
     )
     plots = [str(folder / name) for name in ("loss_curves.png", "expert_load.png") if (folder / name).exists()]
     predictions = folder / PREDICTIONS_FILE
+    train_results = folder / "train_results.json"
+    unknown_share = (
+        json.loads(train_results.read_text()).get("validation_unk_share") if train_results.exists() else None
+    )
     logs = [str(folder / "trainer_state.json")]
     if (folder / "routing_stats.json").exists():
         logs.append(str(folder / "routing_stats.json"))
@@ -423,6 +430,7 @@ def closing_summary(command: str, trainer: Seq2SeqTrainer, metrics: dict, load: 
         "final eval": scores or "-",
         "plots": ", ".join(plots) or "- (nothing logged)",
         **({"test set": f"{predictions}; scores in {folder / 'predict_results.json'}"} if predictions.exists() else {}),
+        **({} if unknown_share is None else {"tokenizer": f"<unk> is {unknown_share:.2%} of the validation tokens"}),
         "logs": "; ".join(logs),
     }
     return summary_text(f"hf-switch {command}: done, {trainer.state.global_step} steps", entries, load, next_steps)
