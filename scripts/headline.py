@@ -215,9 +215,13 @@ def report(root: Path, out: Path, name: str) -> None:
         results[task] = {name: summary for name, summary in results[task].items() if summary["steps"]}
         if not results[task]:
             continue
-        # Means over seeds compare finished runs only (a run still in progress would cut every curve short).
-        finished = {name: summary for name, summary in results[task].items() if summary["finished"]} or results[task]
-        by_run = _by_run(finished)
+        # Means over seeds take a run's finished seeds (a seed still in progress would cut the run's curve short);
+        # a run none of whose seeds has finished is shown as far as it got.
+        by_run = {
+            run: {seed: summary for seed, summary in seeds.items() if summary["finished"]} or seeds
+            for run, seeds in _by_run(results[task]).items()
+        }
+        finished = {f"{run}-seed{seed}": summary for run, seeds in by_run.items() for seed, summary in seeds.items()}
         models = {run: seeds for run, seeds in by_run.items() if run not in DISTILL_RUNS}
         _plot(models, f"{task}: validation loss (mini dims)", out / f"{name}_{task}.png")
         if len(models) < len(by_run):  # the students, beside T5 alone and their teacher
