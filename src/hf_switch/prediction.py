@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .training.metrics import load_metrics
+from .training.metrics import load_metrics, rounded_scores
 
 DEFAULT_METRICS = "bleu,chrf"
 GENERATION_FLAGS = ("num_beams", "max_new_tokens", "do_sample", "temperature", "top_p", "top_k")
@@ -101,8 +101,7 @@ def generate_predictions(
 def score_predictions(predictions: list[str], references: list[str], metrics: str = DEFAULT_METRICS) -> dict:
     """Scores of `predictions` against the raw reference texts through the package's `evaluate` modules, with
     sacreBLEU's signature for BLEU and chrF (`bleu_signature`, ...)."""
-    scores = load_metrics(metrics).compute(predictions=predictions, references=references)
-    return {name: value if isinstance(value, str) else round(float(value), 4) for name, value in scores.items()}
+    return rounded_scores(load_metrics(metrics), predictions, references)
 
 
 def write_atomically(path: str | Path, text: str) -> None:
@@ -132,7 +131,6 @@ def load_for_prediction(folder: str, trust_remote_code: bool = False, device: st
     """`(model, tokenizer)` of a saved seq2seq folder, in eval mode on `device` (default: the accelerator if any)."""
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-    from . import modeling_switch  # noqa: F401  (registers the Switch classes with the Auto classes)
     from .training.arguments import check_model_folder_or_hub_id
 
     check_model_folder_or_hub_id(folder, "model")

@@ -18,6 +18,13 @@ def load_metrics(names: str) -> evaluate.CombinedEvaluations:
     return evaluate.combine([evaluate.load(str(METRICS_FOLDER / name)) for name in requested])
 
 
+def rounded_scores(metrics: evaluate.CombinedEvaluations, predictions: list[str], references: list[str]) -> dict:
+    """`metrics` of `predictions` against `references`, numbers rounded to 4 decimals; sacreBLEU's signatures
+    (`bleu_signature`, `chrf_signature`) kept as strings."""
+    scores = metrics.compute(predictions=predictions, references=references)
+    return {name: value if isinstance(value, str) else round(float(value), 4) for name, value in scores.items()}
+
+
 def generation_metrics(tokenizer, names: str, references: list[str] | None = None):
     """A `compute_metrics` for `Seq2SeqTrainer` with `predict_with_generate`: decode, then score.
 
@@ -41,8 +48,9 @@ def generation_metrics(tokenizer, names: str, references: list[str] | None = Non
             )
         else:
             targets = references
-        scores = metrics.compute(predictions=decoded_predictions, references=targets)
-        scores = {name: round(float(value), 4) for name, value in scores.items() if not name.endswith("_signature")}
+        # The Trainer logs every value it gets; the signatures are strings, which its loggers cannot plot.
+        scores = rounded_scores(metrics, decoded_predictions, targets)
+        scores = {name: value for name, value in scores.items() if not name.endswith("_signature")}
         lengths = [np.count_nonzero(row != tokenizer.pad_token_id) for row in predictions]
         return {**scores, "gen_len": float(np.mean(lengths))}
 
