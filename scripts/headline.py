@@ -36,6 +36,21 @@ RUNS = {
     # Expert choice in the encoder at the compute of top-1 (capacity factor 1.0); the decoder keeps the aux loss.
     "switch-8-ec": ["--config_overrides", "num_experts=8,encoder_router_type=experts_choose"],
 }
+# Why Switch-8 misses the 0.6x goal (issue 14): each ablation changes one thing of switch-8 (a learning rate changes
+# T5's too, and is compared with that T5); "-0.6x" / "-0.8x" train switch-8 on a schedule of that fraction of the steps
+# (warm-up, then linear decay to zero at its own end), the fair way to ask how many steps it needs for T5's loss.
+ABLATIONS = {
+    **{f"switch-8-{f}x": ["--config_overrides", "num_experts=8"] for f in (0.6, 0.8)},
+    "switch-8-cf1.25": ["--config_overrides", "num_experts=8,capacity_factor=1.25"],
+    "switch-8-cf2": ["--config_overrides", "num_experts=8,capacity_factor=2.0"],
+    "switch-8-sequence-groups": ["--config_overrides", "num_experts=8,routing_group=sequence"],
+    **{f"switch-8-aux{c}": ["--config_overrides", f"num_experts=8,router_aux_loss_coef={c}"] for c in ("1e-3", "1e-1")},
+    "switch-8-init0.1": ["--config_overrides", "num_experts=8,initializer_factor=0.1"],
+    "t5-lr2e-3": ["--architecture", "t5", "--learning_rate", "2e-3"],
+    "switch-8-lr2e-3": ["--config_overrides", "num_experts=8", "--learning_rate", "2e-3"],
+}
+SCHEDULE_FRACTIONS = {"switch-8-0.6x": 0.6, "switch-8-0.8x": 0.8}
+BASELINES = {"switch-8-lr2e-3": "t5-lr2e-3"}  # any other run compares with "t5"
 # The paper's Table 6 in miniature: dense T5 students of the finished switch-8 run of the same task and seed.
 DISTILL_RUNS = {
     "distill-plain": ["--expert_init", "none", "--distill_alpha", "1.0"],  # a fresh T5, soft targets only
@@ -111,7 +126,8 @@ def train_run(root: Path, task: str, run: str, seed: int, steps: int) -> str:
     output = root / task / f"{run}-seed{seed}"
     if (output / "eval_results.json").exists():
         return f"{output}: done"
-    command, model = "train", RUNS.get(run)
+    command, model = "train", RUNS.get(run) or ABLATIONS.get(run)
+    steps = round(steps * SCHEDULE_FRACTIONS.get(run, 1.0))
     if run in DISTILL_RUNS:
         teacher = root / task / f"{TEACHER}-seed{seed}"
         if not (teacher / "eval_results.json").exists():
@@ -222,14 +238,19 @@ def report(root: Path, out: Path, name: str) -> None:
             for run, seeds in _by_run(results[task]).items()
         }
         finished = {f"{run}-seed{seed}": summary for run, seeds in by_run.items() for seed, summary in seeds.items()}
-        models = {run: seeds for run, seeds in by_run.items() if run not in DISTILL_RUNS}
+        models = {run: seeds for run, seeds in by_run.items() if run not in (*DISTILL_RUNS, *ABLATIONS)}
         _plot(models, f"{task}: validation loss (mini dims)", out / f"{name}_{task}.png")
+        ablations = {run: seeds for run, seeds in by_run.items() if run in (*ABLATIONS, "t5", TEACHER)}
+        if len(ablations) > 2:
+            ablations = {run: {"0": seeds["0"]} for run, seeds in ablations.items() if "0" in seeds}
+            _plot(ablations, f"{task}: ablations of {TEACHER} (seed 0)", out / f"{name}_{task}_ablations.png")
         if len(models) < len(by_run):  # the students, beside T5 alone and their teacher
             students = {run: seeds for run, seeds in by_run.items() if run in (*DISTILL_RUNS, "t5", TEACHER)}
             _plot(students, f"{task}: dense students of {TEACHER}", out / f"{name}_{task}_distillation.png")
         _print_table(task, results[task])
         _print_seed_table(task, by_run)
         _print_distillation_table(task, finished)
+        _print_ablation_table(task, finished)
     (out / f"{name}.json").write_text(json.dumps(results, indent=1))
 
 
@@ -266,8 +287,8 @@ def _print_table(task: str, runs: dict) -> None:
     )
     print("|---|---|---|---|---|---|---|")
     for name, summary in runs.items():
-        seed = name.rsplit("-seed", 1)[1]
-        baseline = runs.get(f"t5-seed{seed}")
+        run, seed = name.rsplit("-seed", 1)
+        baseline = runs.get(f"{BASELINES.get(run, 't5')}-seed{seed}")
         reach = {}
         if baseline and baseline["finished"] and not name.startswith("t5"):
             for axis in ("steps", "train_seconds"):
@@ -332,6 +353,27 @@ def _print_distillation_table(task: str, runs: dict) -> None:
         )
 
 
+def _print_ablation_table(task: str, runs: dict) -> None:
+    """Each ablation against switch-8 and the T5 of its seed (of its learning rate), at the end of its schedule."""
+    ablations = [name for name in runs if name.rsplit("-seed", 1)[0] in ABLATIONS]
+    if not ablations:
+        return
+    print(f"\n{task}, ablations of {TEACHER}")
+    print(f"| run | steps | final eval loss | - {TEACHER} | - its T5 | its T5 | dropped % |")
+    print("|---|---|---|---|---|---|---|")
+    for name in ablations:
+        run, seed = name.rsplit("-seed", 1)
+        switch, baseline = runs.get(f"{TEACHER}-seed{seed}"), runs.get(f"{BASELINES.get(run, 't5')}-seed{seed}")
+        if switch is None or baseline is None:
+            continue
+        loss = runs[name]["eval_loss"][-1]
+        dropped = ", ".join(f"{100 * value:.1f}" for value in runs[name]["dropped_fraction"].values()) or "-"
+        print(
+            f"| {name} | {runs[name]['steps'][-1]} | {loss:.3f} | {loss - switch['eval_loss'][-1]:+.3f} | "
+            f"{loss - baseline['eval_loss'][-1]:+.3f} | {baseline['eval_loss'][-1]:.3f} | {dropped} |"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -339,7 +381,7 @@ def main() -> None:
     train.add_argument("root", type=Path)
     train.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
     default_runs = ["t5", "switch-8", "switch-32", "switch-2"]
-    train.add_argument("--runs", nargs="+", choices=[*RUNS, *DISTILL_RUNS], default=default_runs)
+    train.add_argument("--runs", nargs="+", choices=[*RUNS, *ABLATIONS, *DISTILL_RUNS], default=default_runs)
     train.add_argument("--seeds", nargs="+", type=int, default=[0])
     train.add_argument("--steps", type=int, default=3000)
     train.add_argument("--parallel", type=int, default=2)
