@@ -136,7 +136,7 @@ class SwitchExperts(nn.Module):
         self.layout = "auto"
         self.gradient_memory = {name: GradientMemory() for name, _ in self.named_parameters(recurse=False)}
 
-    def forward(self, hidden_states: torch.Tensor, dispatch: Dispatch) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, dispatch: Dispatch, low_rank_update=None) -> torch.Tensor:
         """Run every dispatched (token, expert) pair and sum the weighted outputs back onto the tokens.
 
         The tokens are gathered once, straight into the chosen layout, and the outputs scattered once, straight from
@@ -145,35 +145,37 @@ class SwitchExperts(nn.Module):
         Args:
             hidden_states: `[N, d]` tokens.
             dispatch: the pairs, grouped by held expert (`tokens_per_expert` has `num_local_experts` entries).
+            low_rank_update: None, or `low_rank_update(rows, name, product)` -> what to add to the product of `rows`
+                with the weight `name` (expert LoRA, `expert_lora`); `product(rows, stacked, gradient_memory)`
+                multiplies the rows by any `[E, out, in]` stack in the layout this call chose.
 
         Returns:
             `[N, d]`; zeros for tokens that no pair names.
         """
         weights = {"wi_0": self.wi_0, "wi_1": self.wi_1} if self.is_gated else {"wi": self.wi}
         weights["wo"] = self.wo
-        memory = self.gradient_memory
         group_sizes = dispatch.tokens_per_expert.tolist()
         token_ids, pair_weights = dispatch.token_ids, dispatch.weights
-        if self._pads(group_sizes):
+        pads = self._pads(group_sizes)
+        if pads:
             experts, capacity, width = self.num_local_experts, max(group_sizes), hidden_states.shape[-1]
             pairs, padding = padded_layout(dispatch.tokens_per_expert, capacity)
             token_ids = token_ids[pairs]
             pair_weights = None if pair_weights is None else pair_weights[pairs]
             # Padding rows gather the first pair's token and are zeroed: with bias-free experts their outputs are
             # exactly zero, so they add nothing to that token, nor to any gradient.
-            padded = hidden_states.index_select(0, token_ids).index_fill_(0, padding, 0)
-            outputs = self._ffn(
-                padded.view(experts, capacity, width),
-                lambda x, name: PaddedLinear.apply(x, weights[name], memory[name]),
-                weights["wo"].dtype,
-            ).view(experts * capacity, width)
+            tokens = hidden_states.index_select(0, token_ids).index_fill_(0, padding, 0).view(experts, capacity, width)
+            product = PaddedLinear.apply
         else:
-            outputs = self._ffn(
-                hidden_states.index_select(0, token_ids),
-                lambda x, name: GroupedLinear.apply(x, weights[name], group_sizes, memory[name]),
-                weights["wo"].dtype,
-            )
-        return combine(outputs, token_ids, pair_weights, hidden_states.shape[0])
+            tokens = hidden_states.index_select(0, token_ids)
+            product = lambda rows, stacked, memory: GroupedLinear.apply(rows, stacked, group_sizes, memory)  # noqa: E731
+
+        def linear(rows, name):
+            output = product(rows, weights[name], self.gradient_memory[name])
+            return output if low_rank_update is None else output + low_rank_update(rows, name, product)
+
+        outputs = self._ffn(tokens, linear, weights["wo"].dtype)
+        return combine(outputs.view(-1, outputs.shape[-1]), token_ids, pair_weights, hidden_states.shape[0])
 
     def forward_pairs(self, implementation: str, hidden_states, expert_index, expert_weight, kept) -> torch.Tensor:
         """The experts through transformers' kernel `implementation` (one of `TRANSFORMERS_EXPERTS`), which takes

@@ -74,7 +74,7 @@ class SwitchSparseMLP(nn.Module):
         if implementation in TRANSFORMERS_EXPERTS:
             output = self.experts.forward_pairs(implementation, tokens, *pairs)
         else:
-            output = self.experts(tokens, group_by_expert(*pairs, self.experts.num_experts))
+            output = self.experts(tokens, group_by_expert(*pairs, self.config.num_experts))
         return output.reshape(batch, length, width), decision
 
 
