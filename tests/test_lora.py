@@ -153,7 +153,7 @@ class _PlusLowRank(torch.nn.Module):
         return weight + 2.0 * torch.bmm(self.weight_b, self.weight_a)
 
 
-@pytest.mark.parametrize("layout", ["grouped", "padded"])
+@pytest.mark.parametrize("layout", ["grouped", "fused_grouped", "padded"])
 @pytest.mark.parametrize("feed_forward_proj", ["relu", "gated-gelu"])
 def test_expert_lora_equals_the_materialised_weights_with_empty_experts_and_dropped_tokens(layout, feed_forward_proj):
     options = dict(feed_forward_proj=feed_forward_proj, num_experts=8, capacity_factor=0.5, min_expert_capacity=1)
