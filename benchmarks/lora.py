@@ -17,7 +17,7 @@ from peft import LoraConfig, get_peft_model
 
 from hf_switch.lora import ATTENTION, lora_config
 
-from .memory import peak_resident_mib, resident_mib
+from . import device
 from .model import ModelCase, batch, build_model, train_step
 from .timing import compare
 
@@ -51,20 +51,21 @@ def measure(case: ModelCase, rounds: int) -> dict:
 def peak_memory(spec: dict) -> dict:
     """Peak resident memory (MiB) of `spec["steps"]` training steps of one variant, above the built model's."""
     torch.set_num_threads(2)
+    device.use(spec["device"], spec["dtype"])
     case = ModelCase(**spec["case"])
     model = build_variant(case, spec["variant"])
     step = train_step(model, batch(case))
-    built = resident_mib()
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")  # resets VmHWM to the current resident set size
+    built = device.memory_mib()
+    device.reset_peak_memory()
     for _ in range(spec["steps"]):
         step()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"steps_mib": peak_resident_mib() - built, "trainable_parameters": trainable}
+    return {"steps_mib": device.peak_memory_mib() - built, "trainable_parameters": trainable}
 
 
 def memory_spec(case: ModelCase, variant: str) -> str:
-    return json.dumps({"case": asdict(case), "variant": variant, "steps": 2})
+    """The spec of a fresh process measuring `variant`, on the device and dtype of this one."""
+    return json.dumps({"case": asdict(case), "variant": variant, "steps": 2, **device.defaults()})
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks import device  # noqa: E402
 from benchmarks.layer import LayerCase  # noqa: E402
 from benchmarks.layer import measure as measure_layer  # noqa: E402
 from benchmarks.lora import VARIANTS as LORA_VARIANTS  # noqa: E402
@@ -197,7 +198,7 @@ def run_memory(quick: bool) -> dict:
     for case in model_cases(quick):
         kinds = MODEL_KINDS if not case.every_layer_sparse else MODEL_KINDS[:2]
         for kind in kinds:
-            spec = json.dumps({"kind": kind, "case": asdict(case), "steps": 2})
+            spec = json.dumps({"kind": kind, "case": asdict(case), "steps": 2, **device.defaults()})
             results[f"{case.name} {kind}"] = in_fresh_process("benchmarks.memory", spec)
     print("\nPeak memory of training steps, each model alone in a fresh process (MiB)")
     print("| case | peak - after imports | peak - after building | minus grads and AdamW states | parameters |")
@@ -221,10 +222,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds per comparison (default 7, quick 3)")
     parser.add_argument("--json", default="benchmarks/results.json", help="where to write the results")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (1 beside other jobs)")
+    parser.add_argument("--device", default="cpu", help="where models and tensors live: cpu, cuda, cuda:1, ...")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="models' and inputs' dtype")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    device.use(args.device, args.dtype)
     rounds = args.rounds or (3 if args.quick else 7)
-    results = {"torch": torch.__version__, "threads": torch.get_num_threads(), "quick": args.quick}
+    results = {"torch": torch.__version__, "threads": torch.get_num_threads(), "quick": args.quick, **device.describe()}
     for suite in args.suites:
         if suite == "memory":
             results[suite] = run_memory(args.quick)
