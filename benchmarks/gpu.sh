@@ -23,7 +23,7 @@ if [ "$device" = cpu ]; then quick=(--quick --rounds 1 --threads 2); fi
 
 python3 - <<'PY' | tee "$out/versions.txt"
 import platform, torch, transformers
-name = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor()
+name = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or platform.machine()
 print(f"torch {torch.__version__}, transformers {transformers.__version__}, {name}")
 PY
 HF_SWITCH_TEST_DEVICE="$device" timeout 240 python3 -m pytest -q -m "not slow" -p no:cacheprovider tests \
