@@ -14,6 +14,7 @@ from transformers import SwitchTransformersForConditionalGeneration, T5Config, T
 
 import hf_switch
 
+from . import device
 from .timing import compare
 
 
@@ -58,6 +59,7 @@ def switch_config(case: ModelCase) -> hf_switch.SwitchConfig:
         num_sparse_encoder_layers=sparse_layers,
         num_sparse_decoder_layers=sparse_layers,
         expert_capacity=math.ceil(case.capacity_factor * case.source_length / case.num_experts),
+        routing_group="sequence",  # transformers' semantics, so that both Switch models route alike
         router_jitter_noise=0.0,
     )
 
@@ -72,11 +74,12 @@ def build_model(case: ModelCase, kind: str, seed: int = 0):
         return ours
     with tempfile.TemporaryDirectory() as folder:
         hf_switch.save_as_switch_transformers(ours, folder)
-        return SwitchTransformersForConditionalGeneration.from_pretrained(folder)
+        loaded = SwitchTransformersForConditionalGeneration.from_pretrained(folder, dtype=torch.get_default_dtype())
+        return loaded.to(torch.get_default_device())
 
 
 def batch(case: ModelCase, seed: int = 1) -> dict:
-    generator = torch.Generator().manual_seed(seed)
+    generator = device.generator(seed)
     return {
         "input_ids": torch.randint(2, case.vocab_size, (case.batch, case.source_length), generator=generator),
         "labels": torch.randint(2, case.vocab_size, (case.batch, case.target_length), generator=generator),

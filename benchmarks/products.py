@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import device
 from .timing import compare
 
 
@@ -28,7 +29,7 @@ class ProductCase:
 
 def product_variants(case: ProductCase) -> dict:
     """Callables for `compare`: the dense product of equal arithmetic, the batched product, one row per expert."""
-    generator = torch.Generator().manual_seed(0)
+    generator = device.generator(0)
     experts, rows, d_model, d_ff = case.num_experts, case.rows_per_expert, case.d_model, case.d_ff
     weights = torch.randn(experts, d_ff, d_model, generator=generator)  # `[E, out, in]`, as the experts hold them
     tokens = torch.randn(experts, rows, d_model, generator=generator)

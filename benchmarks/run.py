@@ -1,6 +1,6 @@
 """Run every benchmark, print ratio tables and write them as JSON.
 
-    python benchmarks/run.py [--quick] [--suites layer routing products model generation prediction memory]
+    python benchmarks/run.py [--quick] [--suites layer routing products model generation prediction memory lora]
         [--json PATH] [--threads N]
 
 Times are ratios to a baseline measured in the same process, in alternation (see `timing.compare`). Memory cases run
@@ -18,8 +18,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks import device  # noqa: E402
 from benchmarks.layer import LayerCase  # noqa: E402
 from benchmarks.layer import measure as measure_layer  # noqa: E402
+from benchmarks.lora import VARIANTS as LORA_VARIANTS  # noqa: E402
+from benchmarks.lora import lora_cases, memory_spec  # noqa: E402
+from benchmarks.lora import measure as measure_lora  # noqa: E402
 from benchmarks.model import ModelCase, measure_generation, measure_training  # noqa: E402
 from benchmarks.prediction import measure as measure_prediction  # noqa: E402
 from benchmarks.products import ProductCase  # noqa: E402
@@ -160,20 +164,42 @@ def run_prediction(quick: bool, rounds: int) -> dict:
     return {"sources": count, "new_tokens": new_tokens, "batch_size": 64, "ratios": rows}
 
 
+def in_fresh_process(module: str, spec: str) -> dict:
+    """`python -m MODULE SPEC` in a new process (memory is measured alone); its last output line, as JSON."""
+    output = subprocess.run(
+        [sys.executable, "-m", module, spec],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(output.stdout.strip().splitlines()[-1])
+
+
+def run_lora(quick: bool, rounds: int) -> dict:
+    """LoRA steps side by side (time / attention-only LoRA's), then each variant's peak memory in a fresh process."""
+    rows, memory = {}, {}
+    for case in lora_cases(quick):
+        rows[case.name] = measure_lora(case, rounds)
+        print(f"  {case.name}: " + ", ".join(f"{k} {v['ratio']:.2f}" for k, v in rows[case.name].items()), flush=True)
+        for variant in LORA_VARIANTS:
+            memory[f"{case.name} {variant}"] = in_fresh_process("benchmarks.lora", memory_spec(case, variant))
+    print_table("LoRA training step, time / attention-only LoRA's time", rows, list(LORA_VARIANTS))
+    print("\nPeak memory of two training steps above the built model's, each variant alone in a fresh process")
+    print("| case and variant | MiB | trainable parameters |")
+    print("|---|---|---|")
+    for name, result in memory.items():
+        print(f"| {name} | {result['steps_mib']:.0f} | {result['trainable_parameters']:,} |")
+    return {"cases": {case.name: asdict(case) for case in lora_cases(quick)}, "ratios": rows, "memory": memory}
+
+
 def run_memory(quick: bool) -> dict:
     results = {}
     for case in model_cases(quick):
         kinds = MODEL_KINDS if not case.every_layer_sparse else MODEL_KINDS[:2]
         for kind in kinds:
-            spec = json.dumps({"kind": kind, "case": asdict(case), "steps": 2})
-            output = subprocess.run(
-                [sys.executable, "-m", "benchmarks.memory", spec],
-                cwd=Path(__file__).resolve().parent.parent,
-                capture_output=True,
-                text=True,
-                check=True,
-            )
-            results[f"{case.name} {kind}"] = json.loads(output.stdout.strip().splitlines()[-1])
+            spec = json.dumps({"kind": kind, "case": asdict(case), "steps": 2, **device.defaults()})
+            results[f"{case.name} {kind}"] = in_fresh_process("benchmarks.memory", spec)
     print("\nPeak memory of training steps, each model alone in a fresh process (MiB)")
     print("| case | peak - after imports | peak - after building | minus grads and AdamW states | parameters |")
     print("|---|---|---|---|---|")
@@ -189,15 +215,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     parser.add_argument(
-        "--suites", nargs="+", default=["layer", "routing", "products", "model", "generation", "prediction", "memory"]
+        "--suites",
+        nargs="+",
+        default=["layer", "routing", "products", "model", "generation", "prediction", "memory", "lora"],
     )
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds per comparison (default 7, quick 3)")
     parser.add_argument("--json", default="benchmarks/results.json", help="where to write the results")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (1 beside other jobs)")
+    parser.add_argument("--device", default="cpu", help="where models and tensors live: cpu, cuda, cuda:1, ...")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="models' and inputs' dtype")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    device.use(args.device, args.dtype)
     rounds = args.rounds or (3 if args.quick else 7)
-    results = {"torch": torch.__version__, "threads": torch.get_num_threads(), "quick": args.quick}
+    results = {"torch": torch.__version__, "threads": torch.get_num_threads(), "quick": args.quick, **device.describe()}
     for suite in args.suites:
         if suite == "memory":
             results[suite] = run_memory(args.quick)
@@ -209,6 +240,7 @@ def main() -> None:
                 "model": run_model,
                 "generation": run_generation,
                 "prediction": run_prediction,
+                "lora": run_lora,
             }
             results[suite] = suites[suite](args.quick, rounds)
     Path(args.json).write_text(json.dumps(results, indent=2))

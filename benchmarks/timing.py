@@ -5,6 +5,8 @@ import statistics
 import time
 from collections.abc import Callable
 
+from .device import synchronize
+
 
 def compare(variants: dict[str, Callable[[], object]], baseline: str, rounds: int, warmup: int = 2) -> dict:
     """Time each variant `rounds` times, alternating, rotating the order every round.
@@ -20,8 +22,10 @@ def compare(variants: dict[str, Callable[[], object]], baseline: str, rounds: in
     for round_index in range(rounds):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
+            synchronize()
             start = time.perf_counter()
             variants[name]()
+            synchronize()
             times[name].append(time.perf_counter() - start)
     return {
         name: {

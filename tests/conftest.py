@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 from transformers import (
@@ -8,6 +10,11 @@ from transformers import (
 )
 
 from hf_switch import SwitchConfig, SwitchForConditionalGeneration
+
+# The suite runs on CPU; HF_SWITCH_TEST_DEVICE=cuda runs it unchanged with every model and tensor on an accelerator
+# (benchmarks/gpu.sh).
+if os.environ.get("HF_SWITCH_TEST_DEVICE"):
+    torch.set_default_device(os.environ["HF_SWITCH_TEST_DEVICE"])
 
 VOCAB = 64
 # The dimensions of every tiny model: hf_switch's, transformers' Switch and T5.
@@ -58,7 +65,7 @@ def tiny_t5(seed=0, **overrides) -> T5ForConditionalGeneration:
 
 def random_batch(batch=3, source=11, target=9, seed=1, pad_last=0):
     """Token ids avoiding pad (0) and eos (1); the last `pad_last` source positions of row 0 are padding."""
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device=torch.get_default_device()).manual_seed(seed)
     input_ids = torch.randint(2, VOCAB, (batch, source), generator=generator)
     labels = torch.randint(2, VOCAB, (batch, target), generator=generator)
     attention_mask = torch.ones_like(input_ids)

@@ -12,7 +12,7 @@ from torch import nn
 from hf_switch.experts import Dispatch, SwitchExperts, group_by_expert
 from hf_switch.modeling_switch import SwitchSparseMLP
 
-LAYOUTS = ["grouped", "padded", "auto"]
+LAYOUTS = ["grouped", "fused_grouped", "padded", "auto"]
 ACTIVATIONS = ["relu", "gated-gelu"]
 
 

@@ -10,7 +10,7 @@ import torch
 from conftest import VOCAB, random_batch, reference_model, tiny_model, tiny_t5
 from hub_server import TOKEN, HubServer
 from huggingface_hub import ModelCard, constants, hf_api
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, get_peft_model
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForSeq2SeqLM, PreTrainedTokenizerFast
 
@@ -23,6 +23,7 @@ from hf_switch.hub import (
     read_eval_results,
     read_routing_stats,
 )
+from hf_switch.lora import load_adapter
 
 EXAMPLES = Path(__file__).parents[1] / "model_cards" / "examples"
 ROUTING_STATS = {
@@ -300,9 +301,9 @@ def test_adapter_card_names_the_base_model_and_the_adapter_loads_from_the_hub(hu
     assert result.files == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     card = ModelCard(hub.repos["org/tiny-lora"].branches["main"].files["README.md"].decode())
     assert (card.data.base_model, card.data.library_name) == ("org/tiny-switch", "peft")
-    assert 'PeftModel.from_pretrained(base, "org/tiny-lora")' in card.text
+    assert 'model = load_adapter(base, "org/tiny-lora")' in card.text
     assert "| target modules | `q`, `v` |" in card.text or "| target modules | `v`, `q` |" in card.text
-    loaded = PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "base"), "org/tiny-lora")
+    loaded = load_adapter(AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "base"), "org/tiny-lora")
     batch = random_batch()
     with torch.no_grad():
         assert torch.allclose(loaded.eval()(**batch).logits, lora.eval()(**batch).logits)

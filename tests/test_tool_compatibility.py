@@ -130,6 +130,49 @@ def test_a_compiled_training_step_gives_the_loss_and_every_gradient_of_eager():
         assert (gradients[name] - gradient).abs().max() < 1e-6, name
 
 
+class _Logits(torch.nn.Module):
+    """The model's eval forward with positional tensor inputs and the logits as output, as torch.export takes it."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, decoder_input_ids):
+        return self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            decoder_input_ids=decoder_input_ids,
+            use_cache=False,
+        ).logits
+
+
+def _export(model, batch):
+    batch_size, source, target = (torch.export.Dim(name, max=512) for name in ("batch", "source", "target"))
+    inputs = (batch["input_ids"], batch["attention_mask"], batch["labels"])
+    dynamic = ({0: batch_size, 1: source}, {0: batch_size, 1: source}, {0: batch_size, 1: target})
+    return torch.export.export(_Logits(model), inputs, dynamic_shapes=dynamic, strict=False)
+
+
+@pytest.mark.parametrize("implementation", ["batched_mm", "grouped_mm"])
+def test_export_with_transformers_expert_kernels_gives_the_eager_logits_at_other_shapes(implementation):
+    model = tiny_model(num_experts=4).eval()  # dropless evaluation, the default
+    model.set_experts_implementation(implementation)
+    exported = _export(model, random_batch())
+    other = random_batch(batch=5, source=17, target=6, seed=3, pad_last=4)
+    arguments = (other["input_ids"], other["attention_mask"], other["labels"])
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(*arguments), _Logits(model)(*arguments), rtol=0, atol=1e-6)
+    outside = other["input_ids"].clone()
+    outside[0, 0] = model.config.vocab_size  # the input check survives export as a runtime assertion (torch's words)
+    with pytest.raises(RuntimeError, match="Runtime assertion failed"):
+        exported.module()(outside, other["attention_mask"], other["labels"])
+
+
+def test_export_with_hf_switchs_own_kernels_names_the_implementations_that_export():
+    with pytest.raises(ValueError, match=r"experts_implementation='eager'.*set_experts_implementation\('batched_mm'\)"):
+        _export(tiny_model(num_experts=4).eval(), random_batch())
+
+
 @pytest.mark.parametrize(
     ("new_size", "pad_to_multiple_of", "tied"), [(74, None, True), (74, 8, False), (60, None, True)]
 )

@@ -20,6 +20,7 @@ from .expert_kernels import GradientMemory, GroupedLinear, PaddedLinear
 # exactly: they take every (token, expert) pair with its weight, so a pair dropped by capacity runs with weight 0 and
 # adds nothing (its compute is spent, not saved). "eager" is hf_switch's own kernels, the default.
 TRANSFORMERS_EXPERTS = ("batched_mm", "grouped_mm")
+LAYOUTS = ("auto", "grouped", "fused_grouped", "padded")
 
 
 def check_experts_implementation(requested: str | None, config: SwitchConfig) -> str:
@@ -100,17 +101,20 @@ class SwitchExperts(nn.Module):
     """`E` feed-forward networks held as stacked weights.
 
     Parameters: `wi` `[E, f, d]` (or `wi_0` and `wi_1` for a gated activation) and `wo` `[E, d, f]`. They are
-    read as attributes of this module inside its own `forward`, which is what peft's `target_parameters` and
-    expert sharding rely on.
+    read as attributes of this module inside its own `forward`, which expert sharding relies on; expert LoRA
+    (`expert_lora`) adds its low-rank products inside `forward`.
 
-    The experts run in one of two layouts (see `expert_kernels`), chosen per call by `layout`: "grouped" (one matrix
-    product per expert on its contiguous rows), "padded" (one batched product over rows padded to the largest
-    group), or "auto". "auto" pads when nearly every expert has tokens (a batched product reads every expert's
-    weights, even an empty one's, which rules it out when decoding a few tokens) and padding adds less work than
-    the batched product saves over per-expert products: much for small groups, where per-expert products leave the
-    cores idle, little for large ones. Measured on CPU in fp32 (d_model 512, d_ff 2048, forward and backward), the
-    padded layout breaks even at about 2.1 padded rows per real row with 16 rows per expert, 1.4 with 64 and 1.15
-    with 256: `1 + 8 / mean_rows ** 0.75`. Unbalanced routing (common early in training) pads far beyond that.
+    The experts run in one of three layouts (see `expert_kernels`), chosen per call by `layout`: "grouped" (one
+    matrix product per expert on its contiguous rows), "fused_grouped" (the same rows in one `torch._grouped_mm`
+    call: the fused grouped GEMM of CUDA devices, which needs no host copy of the group sizes), "padded" (one batched
+    product over rows padded to the largest group), or "auto". "auto" takes "fused_grouped" where that kernel is fast
+    (CUDA, bf16, compute capability 9.0 and up: H100-class); otherwise it pads when nearly every expert has tokens (a
+    batched product reads every expert's weights, even an empty one's, which rules it out when decoding a few
+    tokens) and padding adds less work than the batched product saves over per-expert products: much for small
+    groups, where per-expert products leave the cores idle, little for large ones. Measured on CPU in fp32 (d_model
+    512, d_ff 2048, forward and backward), the padded layout breaks even at about 2.1 padded rows per real row with
+    16 rows per expert, 1.4 with 64 and 1.15 with 256: `1 + 8 / mean_rows ** 0.75`. Unbalanced routing (common early
+    in training) pads far beyond that.
     """
 
     # Fraction of experts that may be empty for the padded layout.
@@ -136,7 +140,7 @@ class SwitchExperts(nn.Module):
         self.layout = "auto"
         self.gradient_memory = {name: GradientMemory() for name, _ in self.named_parameters(recurse=False)}
 
-    def forward(self, hidden_states: torch.Tensor, dispatch: Dispatch) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, dispatch: Dispatch, low_rank_update=None) -> torch.Tensor:
         """Run every dispatched (token, expert) pair and sum the weighted outputs back onto the tokens.
 
         The tokens are gathered once, straight into the chosen layout, and the outputs scattered once, straight from
@@ -145,35 +149,42 @@ class SwitchExperts(nn.Module):
         Args:
             hidden_states: `[N, d]` tokens.
             dispatch: the pairs, grouped by held expert (`tokens_per_expert` has `num_local_experts` entries).
+            low_rank_update: None, or `low_rank_update(rows, name, product)` -> what to add to the product of `rows`
+                with the weight `name` (expert LoRA, `expert_lora`); `product(rows, stacked, gradient_memory)`
+                multiplies the rows by any `[E, out, in]` stack in the layout this call chose.
 
         Returns:
             `[N, d]`; zeros for tokens that no pair names.
         """
         weights = {"wi_0": self.wi_0, "wi_1": self.wi_1} if self.is_gated else {"wi": self.wi}
         weights["wo"] = self.wo
-        memory = self.gradient_memory
-        group_sizes = dispatch.tokens_per_expert.tolist()
         token_ids, pair_weights = dispatch.token_ids, dispatch.weights
-        if self._pads(group_sizes):
+        layout = self._layout(dispatch.tokens_per_expert, hidden_states)
+        if layout == "fused_grouped":
+            tokens = hidden_states.index_select(0, token_ids)
+            offsets = dispatch.tokens_per_expert.cumsum(0, dtype=torch.int32)
+            product = lambda rows, stacked, memory: torch._grouped_mm(rows, stacked.mT, offs=offsets)  # noqa: E731
+        elif layout == "padded":
+            group_sizes = dispatch.tokens_per_expert.tolist()
             experts, capacity, width = self.num_local_experts, max(group_sizes), hidden_states.shape[-1]
             pairs, padding = padded_layout(dispatch.tokens_per_expert, capacity)
             token_ids = token_ids[pairs]
             pair_weights = None if pair_weights is None else pair_weights[pairs]
             # Padding rows gather the first pair's token and are zeroed: with bias-free experts their outputs are
             # exactly zero, so they add nothing to that token, nor to any gradient.
-            padded = hidden_states.index_select(0, token_ids).index_fill_(0, padding, 0)
-            outputs = self._ffn(
-                padded.view(experts, capacity, width),
-                lambda x, name: PaddedLinear.apply(x, weights[name], memory[name]),
-                weights["wo"].dtype,
-            ).view(experts * capacity, width)
+            tokens = hidden_states.index_select(0, token_ids).index_fill_(0, padding, 0).view(experts, capacity, width)
+            product = PaddedLinear.apply
         else:
-            outputs = self._ffn(
-                hidden_states.index_select(0, token_ids),
-                lambda x, name: GroupedLinear.apply(x, weights[name], group_sizes, memory[name]),
-                weights["wo"].dtype,
-            )
-        return combine(outputs, token_ids, pair_weights, hidden_states.shape[0])
+            group_sizes = dispatch.tokens_per_expert.tolist()
+            tokens = hidden_states.index_select(0, token_ids)
+            product = lambda rows, stacked, memory: GroupedLinear.apply(rows, stacked, group_sizes, memory)  # noqa: E731
+
+        def linear(rows, name):
+            output = product(rows, weights[name], self.gradient_memory[name])
+            return output if low_rank_update is None else output + low_rank_update(rows, name, product)
+
+        outputs = self._ffn(tokens, linear, weights["wo"].dtype)
+        return combine(outputs.view(-1, outputs.shape[-1]), token_ids, pair_weights, hidden_states.shape[0])
 
     def forward_pairs(self, implementation: str, hidden_states, expert_index, expert_weight, kept) -> torch.Tensor:
         """The experts through transformers' kernel `implementation` (one of `TRANSFORMERS_EXPERTS`), which takes
@@ -206,15 +217,20 @@ class SwitchExperts(nn.Module):
         weights = expert_weight.masked_fill(~kept, 0)
         return ALL_EXPERTS_FUNCTIONS[implementation](experts, hidden_states, expert_index, weights)
 
-    def _pads(self, group_sizes: list[int]) -> bool:
+    def _layout(self, tokens_per_expert: torch.Tensor, hidden_states: torch.Tensor) -> str:
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"SwitchExperts.layout={self.layout!r}: choose one of {LAYOUTS}.")
         if self.layout != "auto":
-            return self.layout == "padded"
+            return self.layout
+        if fused_grouped_gemm_available(hidden_states):
+            return "fused_grouped"
+        group_sizes = tokens_per_expert.tolist()
         experts = self.num_local_experts
         rows, empty = sum(group_sizes), group_sizes.count(0)
         if rows == 0 or empty > self.empty_budget * experts:
-            return False
+            return "grouped"
         padded_rows = experts * max(group_sizes)
-        return padded_rows <= rows * (1 + 8 / (rows / experts) ** 0.75)
+        return "padded" if padded_rows <= rows * (1 + 8 / (rows / experts) ** 0.75) else "grouped"
 
     def _ffn(self, tokens, linear, output_dtype):
         """The expert feed-forward network, with `linear(x, weight_name)` applying each expert's weight."""
@@ -230,6 +246,19 @@ class SwitchExperts(nn.Module):
             for memory in self.gradient_memory.values():
                 memory.release()
         return super().train(mode)
+
+
+def fused_grouped_gemm_available(hidden_states: torch.Tensor) -> bool:
+    """Whether `torch._grouped_mm` runs as one fused kernel for these tokens: CUDA, bf16, compute capability 9.0+.
+
+    Elsewhere it runs (CPU included, where the tests check it against the other layouts) but is no faster than a
+    loop of products: 1.15x-1.7x the "grouped" layout's forward and backward on CPU at E = 8-128 (fp32, torch 2.13).
+    """
+    return (
+        hidden_states.is_cuda
+        and hidden_states.dtype == torch.bfloat16
+        and torch.cuda.get_device_capability(hidden_states.device) >= (9, 0)
+    )
 
 
 def padded_layout(tokens_per_expert: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,35 +1,49 @@
 """LoRA finetuning with peft, experts included, and checks against the known silent failure.
 
-peft adapts the stacked expert weights (`experts.wi`, `experts.wo`, `[E, out, in]`) through
-`LoraConfig(target_parameters=...)` and the attention and dense projections through `target_modules`. The known
-failure of LoRA on MoE models is that the experts are silently left out; `apply_lora` checks after wrapping that
-every targeted name matched and every sparse layer carries expert adapters, and `ExpertLoraGradientCheck` checks
-on the first optimizer step that those adapters receive gradients.
+Attention and dense projections get peft's own `nn.Linear` adapters (`target_modules`). The experts module of each
+sparse layer gets `expert_lora.SwitchExpertsLora`, registered with peft as a custom LoRA layer
+(`LoraConfig._register_custom_module`): each expert's adapter runs on the rows routed to it. peft does not save that
+registration with the adapter, so an adapter with expert LoRA loads with `load_adapter` here (or with
+`PeftModel.from_pretrained(model, folder, config=register_expert_lora(LoraConfig.from_pretrained(folder)))`).
+Adapters saved by hf_switch before it, through peft's `target_parameters` (`ParamWrapper`), are converted on load.
+
+The known failure of LoRA on MoE models is that the experts are silently left out; `apply_lora` checks after
+wrapping that every targeted name matched and every sparse layer carries expert adapters, and
+`ExpertLoraGradientCheck` checks on the first optimizer step that those adapters receive gradients.
 """
 
+import logging
 import sys
-from dataclasses import dataclass, field
+import tempfile
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.utils import load_peft_weights
+from safetensors.torch import save_file
 from torch import nn
 from transformers import TrainerCallback
 
 from .configuration_switch import SwitchConfig
+from .expert_lora import SwitchExpertsLora
 from .experts import SwitchExperts
+
+logger = logging.getLogger(__name__)
 
 ATTENTION = ["q", "k", "v", "o"]
 DENSE_FEED_FORWARD = ["wi", "wi_0", "wi_1", "wo"]
+EXPERTS = "experts"
 LORA_PRESETS = ("attention", "attention+experts", "all-linear")
-
-
-def _expert_parameter_names(config: SwitchConfig) -> list[str]:
-    inner = ["experts.wi_0", "experts.wi_1"] if config.is_gated_act else ["experts.wi"]
-    return [*inner, "experts.wo"]
 
 
 def _dense_feed_forward_names(config: SwitchConfig) -> list[str]:
     return ["wi_0", "wi_1", "wo"] if config.is_gated_act else ["wi", "wo"]
+
+
+def register_expert_lora(lora: LoraConfig) -> LoraConfig:
+    """Map `SwitchExperts` to hf_switch's expert LoRA layer in `lora` (in place; returned for chaining)."""
+    lora._register_custom_module({SwitchExperts: SwitchExpertsLora})
+    return lora
 
 
 def lora_config(
@@ -38,64 +52,51 @@ def lora_config(
     r: int = 8,
     alpha: int = 16,
     train_router: bool = False,
+    dropout: float = 0.0,
 ) -> LoraConfig:
-    """A `peft.LoraConfig` for a Switch model.
+    """A `peft.LoraConfig` for a Switch model, with the expert LoRA layer registered.
 
     Args:
-        preset: "attention" (q, k, v, o), "attention+experts" (adds the stacked expert weights), or "all-linear"
+        preset: "attention" (q, k, v, o), "attention+experts" (adds every stacked expert weight), or "all-linear"
             (attention, dense feed-forward layers and experts; never the router or the LM head).
-        config: the model's config (gated experts have `wi_0`/`wi_1` instead of `wi`).
+        config: the model's config (gated models have `wi_0`/`wi_1` instead of `wi`).
         r, alpha: LoRA rank and scaling numerator.
         train_router: also train the routers (as full copies through `modules_to_save`); frozen by default.
-
-    LoRA dropout stays 0: peft cannot apply dropout to adapted parameters (`target_parameters`).
+        dropout: LoRA dropout on the input of every adapter, the experts' included.
     """
     if preset not in LORA_PRESETS:
         raise ValueError(f"lora preset={preset!r}: choose one of {LORA_PRESETS}.")
     if r < 1:
         raise ValueError(f"lora r={r}: must be a positive integer.")
+    if not 0 <= dropout < 1:
+        raise ValueError(f"lora dropout={dropout}: must be in [0, 1).")
     target_modules = list(ATTENTION)
     if preset == "all-linear":
         target_modules += _dense_feed_forward_names(config)
-    target_parameters = [] if preset == "attention" else _expert_parameter_names(config)
-    return LoraConfig(
+    if preset != "attention":
+        target_modules.append(EXPERTS)
+    lora = LoraConfig(
         r=r,
         lora_alpha=alpha,
-        lora_dropout=0.0,
+        lora_dropout=dropout,
         target_modules=target_modules,
-        target_parameters=target_parameters or None,
         modules_to_save=["router"] if train_router else None,
         task_type="SEQ_2_SEQ_LM",
     )
-
-
-def _adapted_module_names(model: nn.Module) -> set[str]:
-    """Last name component of every module that peft wrapped with a LoRA `Linear` adapter."""
-    return {
-        name.rsplit(".", 1)[-1]
-        for name, module in model.named_modules()
-        if hasattr(module, "lora_A") and getattr(module, "parameter_name", None) is None
-    }
+    return register_expert_lora(lora)
 
 
 def expert_adapters(model: nn.Module) -> dict[str, list[str]]:
-    """For each `SwitchExperts` module, the names of its parameters that carry a LoRA adapter.
-
-    peft wraps the experts module in one `ParamWrapper` per adapted parameter, nested, so the wrappers are the
-    experts module's ancestors.
-    """
-    wrappers = [
-        (name, module.parameter_name)
+    """For each experts module of `model`, the names of its stacked weights that carry a LoRA adapter."""
+    adapters = {
+        name: sorted({weight for adapter in module.lora_A.values() for weight in adapter})
         for name, module in model.named_modules()
-        if hasattr(module, "lora_A") and getattr(module, "parameter_name", None) is not None
-    ]
-    return {
-        name.replace(".base_layer", ""): [
-            parameter for wrapper, parameter in wrappers if name.startswith(wrapper + ".")
-        ]
-        for name, module in model.named_modules()
-        if isinstance(module, SwitchExperts)
+        if isinstance(module, SwitchExpertsLora)
     }
+    for name, module in model.named_modules():
+        if isinstance(module, SwitchExperts) and not name.endswith(".base_layer"):
+            adapters[name] = []
+    return adapters
 
 
 def apply_lora(model: nn.Module, lora: LoraConfig) -> PeftModel:
@@ -109,19 +110,71 @@ def apply_lora(model: nn.Module, lora: LoraConfig) -> PeftModel:
         )
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     peft_model = get_peft_model(model, lora)
-    adapted = _adapted_module_names(peft_model)
+    adapted = {name.rsplit(".", 1)[-1] for name, module in peft_model.named_modules() if hasattr(module, "lora_A")}
     for name in sorted(lora.target_modules or []):
         if name not in adapted and (name in present or name not in DENSE_FEED_FORWARD):
             raise ValueError(f"LoRA target module {name!r} matched no module of the model.")
-    expected = {name.rsplit(".", 1)[-1] for name in lora.target_parameters or []}
-    for owner, parameters in expert_adapters(peft_model).items():
-        missing = expected - set(parameters)
-        if missing:
+    if EXPERTS in (lora.target_modules or []):
+        bare = [owner for owner, weights in expert_adapters(peft_model).items() if not weights]
+        if bare:
             raise ValueError(
-                f"LoRA left the experts of {owner} without adapters for {sorted(missing)}: the expert weights must "
-                "be read as attributes of the experts module inside its own forward."
+                f"LoRA left the experts of {bare} without adapters: register the expert LoRA layer on the config "
+                "(hf_switch.lora.register_expert_lora)."
             )
     return peft_model
+
+
+def _from_parameter_adapter(lora: LoraConfig, weights: dict) -> tuple[LoraConfig, dict]:
+    """An adapter of peft's `target_parameters` path (nested `ParamWrapper`s on `experts.<weight>`) as one for the
+    expert LoRA layer: the same numbers, `lora_A` `[r * E, in]` -> `[E, r, in]`, `lora_B` `[out, r * E]` ->
+    `[E, out, r]`, keyed `<experts>.lora_A.<weight>`."""
+    targets = [name.removeprefix(f"{EXPERTS}.") for name in lora.target_parameters]
+    if not all(name in ("wi", "wi_0", "wi_1", "wo") for name in targets):
+        raise ValueError(
+            f"adapter target_parameters={lora.target_parameters}: only Switch experts' stacked weights (experts.wi, "
+            "experts.wi_0, experts.wi_1, experts.wo) can be converted."
+        )
+    rank = lora.r
+    converted = {}
+    for key, tensor in weights.items():
+        owner, found, rest = key.partition(f".{EXPERTS}.")
+        if not found:
+            converted[key] = tensor
+            continue
+        depth = rest.count("base_layer.")  # the innermost wrapper adapts the first target
+        factor = rest.removeprefix("base_layer." * depth).removesuffix(".weight")
+        weight = targets[len(targets) - 1 - depth]
+        if factor == "lora_A":
+            tensor = tensor.reshape(-1, rank, tensor.shape[-1])
+        else:
+            tensor = tensor.reshape(tensor.shape[0], rank, -1).permute(2, 0, 1).contiguous()
+        converted[f"{owner}.{EXPERTS}.{factor}.{weight}"] = tensor
+    return replace(lora, target_parameters=None, target_modules=[*lora.target_modules, EXPERTS]), converted
+
+
+def load_adapter(
+    model: nn.Module, adapter: str | Path, adapter_name: str = "default", is_trainable: bool = False
+) -> PeftModel:
+    """Load a LoRA adapter folder onto `model` (a base model, or a `PeftModel` that gets `adapter_name` beside its
+    adapters), with the expert LoRA layer registered; adapters of peft's `target_parameters` path are converted."""
+    lora = LoraConfig.from_pretrained(adapter)
+    with tempfile.TemporaryDirectory() as converted:
+        if lora.target_parameters:
+            lora, weights = _from_parameter_adapter(lora, load_peft_weights(str(adapter), device="cpu"))
+            lora.save_pretrained(converted)
+            save_file(weights, Path(converted) / "adapter_model.safetensors")
+            logger.warning(
+                "%s holds expert adapters of peft's target_parameters path; converted to hf_switch's expert LoRA "
+                "layer (the same numbers). Save it again to keep the converted form.",
+                adapter,
+            )
+            adapter = converted
+        register_expert_lora(lora)
+        if isinstance(model, PeftModel):
+            model.add_adapter(adapter_name, lora)
+            model.load_adapter(adapter, adapter_name, is_trainable=is_trainable)
+            return model
+        return PeftModel.from_pretrained(model, adapter, adapter_name, is_trainable=is_trainable, config=lora)
 
 
 class ExpertLoraGradientCheck(TrainerCallback):
@@ -139,14 +192,15 @@ class ExpertLoraGradientCheck(TrainerCallback):
             return
         self.checked = True
         for name, module in model.named_modules():
-            if getattr(module, "parameter_name", None) is None or not hasattr(module, "lora_B"):
+            if not isinstance(module, SwitchExpertsLora):
                 continue
-            gradients = [adapter.weight.grad for adapter in module.lora_B.values()]
-            if all(gradient is None or not gradient.any() for gradient in gradients):
-                raise RuntimeError(
-                    f"The LoRA adapter of {name.replace('.base_layer', '')}.{module.parameter_name} received no "
-                    "gradient on the first step: it is not part of the computation (a silent no-op)."
-                )
+            for adapter in module.active_adapters:
+                for weight, factor in module.lora_B[adapter].items():
+                    if factor.grad is None or not factor.grad.any():
+                        raise RuntimeError(
+                            f"The LoRA adapter {adapter!r} of {name}.{weight} received no gradient on the first step: "
+                            "it is not part of the computation (a silent no-op)."
+                        )
 
 
 @dataclass
@@ -158,6 +212,7 @@ class LoraArguments:
     lora_preset: str = field(default="attention+experts", metadata={"help": f"one of {LORA_PRESETS}"})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r)"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the input of every adapter, experts' too"})
     lora_train_router: bool = field(default=False, metadata={"help": "also train the routers (frozen by default)"})
     merge: bool = field(default=False, metadata={"help": "also write the merged plain model to OUTPUT_DIR/merged"})
 
@@ -183,7 +238,12 @@ def finetune_main(argv: list[str] | None = None) -> dict:
 
     def wrap(model, datasets, collator):
         adapters = lora_config(
-            lora_args.lora_preset, model.config, lora_args.lora_r, lora_args.lora_alpha, lora_args.lora_train_router
+            lora_args.lora_preset,
+            model.config,
+            lora_args.lora_r,
+            lora_args.lora_alpha,
+            lora_args.lora_train_router,
+            lora_args.lora_dropout,
         )
         return apply_lora(model, adapters)
 
@@ -198,10 +258,9 @@ def finetune_main(argv: list[str] | None = None) -> dict:
     if trainer.is_world_process_zero():
         folder, base = training_args.output_dir, model_args.model_name_or_path or "BASE_MODEL"
         load = [
-            "import hf_switch",
-            "from peft import PeftModel",
+            "from hf_switch.lora import load_adapter",
             "from transformers import AutoModelForSeq2SeqLM, AutoTokenizer",
-            f'model = PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained("{base}"), "{folder}")',
+            f'model = load_adapter(AutoModelForSeq2SeqLM.from_pretrained("{base}"), "{folder}")',
             f'tokenizer = AutoTokenizer.from_pretrained("{folder}")',
         ]
         if lora_args.merge:

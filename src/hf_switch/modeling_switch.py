@@ -71,10 +71,16 @@ class SwitchSparseMLP(nn.Module):
         )
         tokens = hidden_states.reshape(-1, width)
         implementation = self.config._experts_implementation
+        if torch.compiler.is_exporting() and implementation not in TRANSFORMERS_EXPERTS:
+            raise ValueError(
+                f"torch.export with experts_implementation={implementation!r}: hf_switch's expert kernels size each "
+                "expert's group from the routing, which an exported graph cannot hold; export with "
+                "model.set_experts_implementation('batched_mm') (or 'grouped_mm'): the same outputs, static shapes."
+            )
         if implementation in TRANSFORMERS_EXPERTS:
             output = self.experts.forward_pairs(implementation, tokens, *pairs)
         else:
-            output = self.experts(tokens, group_by_expert(*pairs, self.experts.num_experts))
+            output = self.experts(tokens, group_by_expert(*pairs, self.config.num_experts))
         return output.reshape(batch, length, width), decision
 
 
@@ -609,13 +615,21 @@ def _stack_embeddings(embeddings: nn.Embedding, config: SwitchConfig) -> nn.Embe
     return embeddings if config.tie_word_embeddings else copy.deepcopy(embeddings)
 
 
+def _is_traced() -> bool:
+    """Whether torch.compile or torch.export is tracing: a traced graph cannot branch on tensor values, so checks
+    become runtime assertions of the graph (`torch._check`)."""
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting()
+
+
 def _check_token_ids(token_ids: torch.Tensor, vocab_size: int, name: str, ignore_index: int | None = None) -> None:
     """Name the first id outside `[0, vocab_size)` other than `ignore_index`, which an embedding or the loss would
     otherwise fail on with an index error from deep inside."""
     outside = (token_ids < 0) | (token_ids >= vocab_size)
     if ignore_index is not None:
         outside &= token_ids != ignore_index
-    if outside.any():
+    if _is_traced():
+        torch._check((~outside).all().item(), lambda: f"{name}: a token id is outside [0, vocab_size={vocab_size}).")
+    elif outside.any():
         also = "" if ignore_index is None else f" (or {ignore_index})"
         bad = token_ids[outside][0].item()
         raise ValueError(f"{name}: token id {bad} is outside the vocabulary [0, vocab_size={vocab_size}){also}.")
@@ -637,6 +651,9 @@ def _check_router_logits_finite(decisions: list[RouterDecision], sparse_layers: 
     if not decisions:
         return
     finite = torch.stack([decision.logits.isfinite().all() for decision in decisions])
+    if _is_traced():
+        torch._check(finite.all().item(), lambda: f"The router logits of the {stack} hold NaN or inf values.")
+        return
     if finite.all():
         return
     position = int((~finite).nonzero()[0])

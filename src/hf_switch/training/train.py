@@ -27,6 +27,7 @@ from transformers import (
 
 from ..configuration_switch import SwitchConfig
 from ..modeling_switch import SwitchForConditionalGeneration, SwitchStack
+from ..sharding import check_fsdp_engine
 from .arguments import (
     PRESETS,
     DataArguments,
@@ -327,6 +328,7 @@ def run(
         compute_metrics=compute_metrics,
         callbacks=[TrainingClockCallback(), *callbacks],
     )
+    check_fsdp_engine(trainer)
     if any(isinstance(module, SwitchStack) for module in model.modules()):
         add_routing_dashboard(trainer)
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)

@@ -1,0 +1,74 @@
+"""FSDP2 on CPU ranks: a Switch model sharded one unit per block trains like one process on the whole batch, with
+ranks routing to different experts, resumes from a distributed checkpoint, and saves one ordinary folder."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import random_batch, tiny_model
+
+from hf_switch import SwitchForConditionalGeneration
+from hf_switch.routing import SwitchRouter, end_balancing_step
+
+ROOT = Path(__file__).parent.parent
+WORKER = Path(__file__).parent / "fsdp_worker.py"
+# Dropless over 8 experts with a global-batch aux loss and the expert bias: every router statistic crosses ranks.
+CONFIG = dict(
+    num_experts=8,
+    capacity_factor=None,
+    load_balancing_scope="global_batch",
+    router_expert_bias=True,
+    router_bias_update_rate=0.05,
+)
+LEARNING_RATE = 1e-2
+
+
+def global_batches() -> list[dict]:
+    """Three global batches of 2 rows (one per rank), 5 source tokens each: too few for 8 experts."""
+    return [random_batch(batch=2, source=5, target=4, seed=seed) for seed in (3, 4, 5)]
+
+
+@pytest.mark.slow
+def test_fsdp2_trains_like_one_process_resumes_and_saves_one_folder(tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER)]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([*command, str(tmp_path)], check=True, env=environment, timeout=300)
+    run = json.loads((tmp_path / "run.json").read_text())
+
+    model = tiny_model(0, **CONFIG).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE)
+    losses = []
+    for batch in global_batches():
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        end_balancing_step(model)
+        losses.append(loss.item())
+    torch.testing.assert_close(run["losses"], losses, rtol=1e-5, atol=0)
+    assert run["resumed_loss"] == pytest.approx(run["losses"][2], rel=1e-6)
+    biases = [module.expert_bias.tolist() for module in model.modules() if isinstance(module, SwitchRouter)]
+    torch.testing.assert_close(run["expert_bias"], biases, rtol=0, atol=1e-6)
+    assert any(0 in counts for rank in run["tokens_per_expert"] for counts in rank), "some rank leaves an expert empty"
+    assert run["tokens_per_expert"][0] != run["tokens_per_expert"][1]
+
+    saved = SwitchForConditionalGeneration.from_pretrained(tmp_path / "model").eval()
+    batch = random_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(saved(**batch).logits, model.eval()(**batch).logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_fsdp_flags_on_cpu_ranks_are_refused_rather_than_trained_as_ddp(tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += [str(ROOT / "scripts/train.py"), "--preset", "tiny", "--max_steps", "1", "--report_to", "none"]
+    command += ["--fsdp", "--output_dir", str(tmp_path / "run")]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, env=environment, timeout=300, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "--fsdp True: accelerate builds FSDP on accelerator devices only, and this run is MULTI_CPU" in result.stderr
+    assert not (tmp_path / "run" / "model.safetensors").exists()
