@@ -21,6 +21,7 @@ from hf_switch.lora import (
     lora_config,
     register_expert_lora,
 )
+from hf_switch.prediction import load_for_prediction
 
 
 def _adapted(model, preset="attention+experts", **options):
@@ -127,6 +128,12 @@ def test_finetune_command_saves_adapter_and_merged_model(tmp_path, capsys):
     assert "experts" in config["target_modules"] and config["target_parameters"] is None
     merged = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "lora" / "merged")
     assert merged.config.expert_dropout == 0.4
+    predictor, tokenizer = load_for_prediction(str(tmp_path / "lora"), device="cpu")  # the adapter folder itself
+    batch = tokenizer(
+        ["red cat", "small dog house"], text_target=["cat red", "dog small"], return_tensors="pt", padding=True
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(predictor(**batch).logits, merged.eval()(**batch).logits, rtol=0, atol=1e-5)
 
 
 def _with_random_adapters(model, preset="attention+experts", **options):

@@ -265,6 +265,9 @@ def finetune_main(argv: list[str] | None = None) -> dict:
         ]
         if lora_args.merge:
             load.append(f'# or the merged model: AutoModelForSeq2SeqLM.from_pretrained("{merged_dir}")')
-        next_steps = [f"hf-switch publish {folder} --repo-id ORG/NAME --base-model {base} --dry-run --local-dir PUB"]
+        next_steps = [
+            f"hf-switch predict {folder} SOURCES.txt --references REFERENCES.txt   # the adapter, merged onto {base}",
+            f"hf-switch publish {folder} --repo-id ORG/NAME --base-model {base} --dry-run --local-dir PUB",
+        ]
         print(closing_summary("finetune", trainer, metrics, load, next_steps))
     return metrics

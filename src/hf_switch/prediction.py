@@ -128,13 +128,28 @@ def format_predictions(predictions: list[str], sources: list[str], path: str | N
 
 
 def load_for_prediction(folder: str, trust_remote_code: bool = False, device: str | None = None):
-    """`(model, tokenizer)` of a saved seq2seq folder, in eval mode on `device` (default: the accelerator if any)."""
+    """`(model, tokenizer)` of a saved seq2seq folder, in eval mode on `device` (default: the accelerator if any).
+
+    A LoRA adapter folder (`hf-switch finetune`'s output) is loaded onto the base model its `adapter_config.json`
+    names and merged into it.
+    """
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
     from .training.arguments import check_model_folder_or_hub_id
 
-    check_model_folder_or_hub_id(folder, "model")
-    model = AutoModelForSeq2SeqLM.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    adapter_config = Path(folder, "adapter_config.json")
+    if adapter_config.is_file():
+        from .lora import load_adapter
+
+        base = json.loads(adapter_config.read_text()).get("base_model_name_or_path")
+        if not base:
+            raise ValueError(f"{adapter_config} names no base_model_name_or_path: the adapter's base model is unknown.")
+        check_model_folder_or_hub_id(base, f"the adapter's base model (base_model_name_or_path in {adapter_config})")
+        base_model = AutoModelForSeq2SeqLM.from_pretrained(base, trust_remote_code=trust_remote_code)
+        model = load_adapter(base_model, folder).merge_and_unload()
+    else:
+        check_model_folder_or_hub_id(folder, "model")
+        model = AutoModelForSeq2SeqLM.from_pretrained(folder, trust_remote_code=trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     if device is None:
         device = torch.accelerator.current_accelerator().type if torch.accelerator.is_available() else "cpu"
@@ -148,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("model", help="a saved seq2seq folder (Switch or T5) or Hub id")
+    parser.add_argument("model", help="a saved seq2seq folder (Switch or T5), a LoRA adapter folder, or a Hub id")
     parser.add_argument(
         "input", nargs="?", default="-", help="sources: a text file (one per line), JSON lines (.jsonl), or - for stdin"
     )
