@@ -13,6 +13,7 @@ import deepspeed.comm as dist
 import deepspeed_cpu_entry  # noqa: F401  (skips the shared-memory op build of init_distributed)
 import torch
 from conftest import random_batch, tiny_config
+from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
 from hf_switch import SwitchForConditionalGeneration, save_as_switch_transformers
 from hf_switch.expert_parallel import (
@@ -20,6 +21,7 @@ from hf_switch.expert_parallel import (
     deepspeed_checkpoint_state_dict,
     moe_optimizer_groups,
 )
+from hf_switch.experts import SwitchExperts
 from hf_switch.routing import end_balancing_step
 
 TOLERANCE = 1e-5
@@ -265,7 +267,72 @@ def training_step(directory: Path, expert_parallel_size: int, checkpoint: str | 
     return result
 
 
-SCENARIOS = {"equivalence": equivalence, "engine": engine, "training_step": training_step}
+def zero3(directory: Path, expert_parallel_size: int) -> dict:
+    """ZeRO-3 without expert parallelism: every parameter partitioned over the ranks and gathered per module. Ranks
+    route their own batches of 2 x 5 tokens over 8 experts (some expert empty on some rank): three AdamW steps give
+    the losses of one process on the whole batch; a checkpoint resumes in a fresh engine with the same next loss;
+    the 16-bit consolidated state dict (a `save_pretrained` folder) and `zero_to_fp32` both load in one process with
+    the engine's logits."""
+    assert expert_parallel_size == 1
+    options = dict(num_experts=8, expert_capacity=None, capacity_factor=None)
+    folder = reference_folder(directory, **options)
+    batches = [random_batch(batch=2 * dist.get_world_size(), source=5, target=4, seed=10 + step) for step in range(4)]
+    reference = SwitchForConditionalGeneration.from_pretrained(folder).train()
+    optimizer = torch.optim.AdamW(reference.parameters(), lr=1e-2)
+    expected = []
+    for batch in batches[:3]:
+        loss = reference(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        end_balancing_step(reference)
+        expected.append(loss.item())
+
+    engine = initialize(folder, 3, False, 1)
+    tokens_per_expert = []
+    for module in engine.module.modules():
+        if isinstance(module, SwitchExperts):
+            module.register_forward_hook(lambda m, inputs, out: tokens_per_expert.append(inputs[1].tokens_per_expert))
+    losses = []
+    for batch in batches[:3]:
+        loss = engine(**this_ranks_rows(batch)).loss
+        engine.backward(loss)
+        engine.step()
+        end_balancing_step(engine.module)
+        dist.all_reduce(mean := loss.detach() / dist.get_world_size())
+        losses.append(mean.item())
+    assert max(abs(a - b) / b for a, b in zip(losses, expected, strict=True)) < TOLERANCE, (losses, expected)
+    empty = torch.tensor([int(any((counts == 0).any() for counts in tokens_per_expert))])
+    dist.all_reduce(empty)
+    assert empty.item() > 0, "some rank must leave some expert without tokens"
+
+    engine.save_checkpoint(directory / "zero3")
+    resumed = initialize(folder, 3, False, 1)
+    resumed.load_checkpoint(directory / "zero3")
+    next_losses = [
+        engine(**this_ranks_rows(batches[3])).loss.item(),
+        resumed(**this_ranks_rows(batches[3])).loss.item(),
+    ]
+    assert next_losses[0] == next_losses[1], next_losses
+
+    engine.module.eval()
+    check = random_batch(batch=2 * dist.get_world_size(), seed=99)
+    logits = gathered_logits(engine.module, check)
+    consolidated = engine._zero3_consolidated_16bit_state_dict()  # collective; the full weights on rank 0
+    errors = {}
+    if dist.get_rank() == 0:
+        engine.module.save_pretrained(directory / "consolidated", state_dict=consolidated)
+        single = SwitchForConditionalGeneration.from_pretrained(directory / "consolidated").eval()
+        errors["consolidated_folder"] = (single(**check).logits - logits).abs().max().item()
+        fp32 = get_fp32_state_dict_from_zero_checkpoint(directory / "zero3")
+        single.load_state_dict(fp32, strict=False)
+        errors["zero_to_fp32"] = (single(**check).logits - logits).abs().max().item()
+        assert max(errors.values()) < TOLERANCE, errors
+    dist.barrier()
+    return {"losses": losses, "expected": expected, "next_losses": next_losses, **errors}
+
+
+SCENARIOS = {"equivalence": equivalence, "engine": engine, "training_step": training_step, "zero3": zero3}
 
 
 if __name__ == "__main__":

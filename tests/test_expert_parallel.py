@@ -171,6 +171,29 @@ def test_accelerate_deepspeed_plugin_trains_and_two_nodes_resume_it_exactly(tmp_
 
 
 @pytest.mark.slow
+def test_zero3_without_expert_parallelism_trains_like_one_process_resumes_and_consolidates(tmp_path):
+    """ZeRO-3 on 2 ranks whose tokens leave different experts empty: no hang, the losses of one process on the whole
+    batch, an exact resume, and both consolidations (16-bit state dict, zero_to_fp32) with the engine's logits."""
+    result = run_ranks(2, "zero3", tmp_path, 1)
+    assert result["losses"] == pytest.approx(result["expected"], rel=1e-5)
+    assert result["next_losses"][0] == result["next_losses"][1]
+    assert max(result["consolidated_folder"], result["zero_to_fp32"]) < 1e-5
+
+
+@pytest.mark.slow
+def test_deepspeed_launcher_with_zero3_trains_and_saves_one_folder(tmp_path):
+    """The `deepspeed` launcher runs scripts/train.py with configs/deepspeed/zero3.json (no expert parallelism); the
+    output folder holds the gathered weights and loads in one process."""
+    command = ["deepspeed", "--num_gpus", "2", str(ENTRY), str(ROOT / "scripts/train.py")]
+    command += ["--deepspeed", str(ROOT / "configs/deepspeed/zero3.json"), "--preset", "tiny", "--max_steps", "4"]
+    command += ["--per_device_train_batch_size", "4", "--max_eval_samples", "16", "--report_to", "none"]
+    subprocess.run([*command, "--output_dir", str(tmp_path / "run")], check=True, env=ENVIRONMENT, timeout=300)
+    model = SwitchForConditionalGeneration.from_pretrained(tmp_path / "run")
+    assert all(parameter.numel() > 0 for parameter in model.parameters())
+    assert json.loads((tmp_path / "run" / "all_results.json").read_text())["eval_loss"] > 0
+
+
+@pytest.mark.slow
 def test_deepspeed_launcher_trains_with_deepspeeds_optimizer_section(tmp_path):
     """The `deepspeed` launcher and `--deepspeed` (not accelerate's plugin), with the config whose optimizer DeepSpeed
     builds (its torch Adam here: its own compiles for a minute on a CPU)."""
