@@ -96,9 +96,15 @@ def _loss_and_gradients(model, batch) -> tuple[float, dict[str, torch.Tensor]]:
         lambda model: model.activation_checkpointing_enable({"use_reentrant": True}),
         lambda model: model.activation_checkpointing_enable({"use_reentrant": True}, every_n_layers=2),
         lambda model: model.gradient_checkpointing_enable({"use_reentrant": True}),  # the deprecated name
+        pytest.param(
+            lambda model: model.activation_checkpointing_enable(offload=True),
+            marks=pytest.mark.skipif(
+                not torch.accelerator.is_available(), reason="offload pins host memory, which needs an accelerator"
+            ),
+        ),
     ],
-    ids=["default", "reentrant", "reentrant-every-2nd-layer", "gradient_checkpointing_enable"],
-)  # (offload=True pins memory, which needs an accelerator)
+    ids=["default", "reentrant", "reentrant-every-2nd-layer", "gradient_checkpointing_enable", "offload"],
+)
 @pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated")
 def test_activation_checkpointing_gives_the_loss_and_every_gradient_of_the_plain_model(enable):
     config = dict(num_experts=4, num_layers=4, num_sparse_encoder_layers=2, num_sparse_decoder_layers=2)
