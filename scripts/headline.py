@@ -33,6 +33,11 @@ RUNS = {
     # Balancing methods (issue 23): the auxiliary-loss-free expert bias alone, and with a tiny aux loss (DeepSeek-V3).
     "switch-8-bias": ["--config_overrides", "num_experts=8,router_expert_bias=True,router_aux_loss_coef=0"],
     "switch-8-bias-aux": ["--config_overrides", "num_experts=8,router_expert_bias=True,router_aux_loss_coef=1e-4"],
+    # The same at a tenth of the bias's update rate: a bias that stays small overrides only near-ties of the router.
+    "switch-8-bias-aux-u1e-4": [
+        "--config_overrides",
+        "num_experts=8,router_expert_bias=True,router_aux_loss_coef=1e-4,router_bias_update_rate=1e-4",
+    ],
     # Expert choice in the encoder at the compute of top-1 (capacity factor 1.0); the decoder keeps the aux loss.
     "switch-8-ec": ["--config_overrides", "num_experts=8,encoder_router_type=experts_choose"],
 }
