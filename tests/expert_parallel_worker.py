@@ -268,13 +268,13 @@ def training_step(directory: Path, expert_parallel_size: int, checkpoint: str | 
 
 
 def zero3(directory: Path, expert_parallel_size: int) -> dict:
-    """ZeRO-3 without expert parallelism: every parameter partitioned over the ranks and gathered per module. Ranks
-    route their own batches of 2 x 5 tokens over 8 experts (some expert empty on some rank): three AdamW steps give
-    the losses of one process on the whole batch; a checkpoint resumes in a fresh engine with the same next loss;
-    the 16-bit consolidated state dict (a `save_pretrained` folder) and `zero_to_fp32` both load in one process with
-    the engine's logits."""
+    """ZeRO-3 without expert parallelism (global-batch balancing, expert bias): every parameter partitioned over
+    the ranks and gathered per module. Ranks route their own batches of 2 x 5 tokens over 8 experts (some expert
+    empty on some rank): three AdamW steps give the losses of one process on the whole batch; a checkpoint resumes in
+    a fresh engine with the same next loss; the 16-bit consolidated state dict (a `save_pretrained` folder) and
+    `zero_to_fp32` both load in one process with the engine's logits."""
     assert expert_parallel_size == 1
-    options = dict(num_experts=8, expert_capacity=None, capacity_factor=None)
+    options = dict(num_experts=8, expert_capacity=None, capacity_factor=None, load_balancing_scope="global_batch")
     folder = reference_folder(directory, **options)
     batches = [random_batch(batch=2 * dist.get_world_size(), source=5, target=4, seed=10 + step) for step in range(4)]
     reference = SwitchForConditionalGeneration.from_pretrained(folder).train()
