@@ -248,3 +248,15 @@ def test_transformers_expert_kernels_refuse_expert_adapters():
     model.base_model.model.set_experts_implementation("batched_mm")
     with pytest.raises(ValueError, match="experts_implementation='batched_mm'.*cannot apply LoRA"):
         model(**random_batch())
+
+
+def test_expert_adapters_train_under_bfloat16_autocast_with_float32_gradients():
+    model = _with_random_adapters(tiny_model())
+    for module in model.modules():
+        if isinstance(module, SwitchExperts):
+            module.layout = "padded"  # the layout whose products autocast would otherwise leave mixed
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model.train()(**random_batch()).loss
+    loss.backward()
+    factors = [p for name, p in model.named_parameters() if "experts" in name and "lora_" in name]
+    assert factors and all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in factors)

@@ -12,6 +12,7 @@ import torch
 from conftest import random_batch, tiny_config, tiny_model
 from test_training import TINY
 
+from hf_switch.experts import SwitchExperts
 from hf_switch.routing import SwitchRouter, load_balancing_loss
 from hf_switch.training import main
 from hf_switch.training.data import embedded_corpus, train_tokenizer
@@ -118,3 +119,26 @@ def test_bfloat16_training_keeps_the_router_in_float32_and_finite():
     router = model.encoder.block[1].layer[-1].mlp.router
     assert router.classifier.weight.dtype == torch.float32 and torch.isfinite(router.classifier.weight).all()
     assert model.encoder.block[0].layer[-1].mlp.wi.weight.dtype == torch.bfloat16  # the rest stays in bfloat16
+
+
+@pytest.mark.parametrize("layout", ["grouped", "fused_grouped", "padded"])
+def test_a_training_step_under_bfloat16_autocast_runs_the_experts_in_bfloat16(layout):
+    """Trainer's `--bf16` on a float32 model: a training step under autocast runs the expert products in bfloat16,
+    gives every float32 parameter a float32 gradient, and stays close to the float32 step."""
+    batch = random_batch()
+    reference = tiny_model(num_experts=4).train()
+    reference(**batch).loss.backward()
+    model = tiny_model(num_experts=4).train()
+    experts = [module for module in model.modules() if isinstance(module, SwitchExperts)]
+    dtypes = []
+    for module in experts:
+        module.layout = layout
+        module.register_forward_hook(lambda module, inputs, output: dtypes.append(output.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(**batch).loss
+    loss.backward()
+    assert dtypes and set(dtypes) == {torch.bfloat16}
+    assert loss.item() == pytest.approx(reference(**batch).loss.item(), rel=2e-2)
+    for (name, parameter), expected in zip(model.named_parameters(), reference.parameters(), strict=True):
+        assert parameter.grad.dtype == torch.float32 and torch.isfinite(parameter.grad).all(), name
+        assert torch.allclose(parameter.grad, expected.grad, rtol=0.1, atol=2e-2), name

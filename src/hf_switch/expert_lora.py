@@ -105,14 +105,15 @@ class SwitchExpertsLora(nn.Module, LoraLayer):
             return self.base_layer(hidden_states, dispatch)
 
         def low_rank_update(rows, name, product):
+            # In the rows' dtype, as the expert products run (the kernels take one dtype; under autocast, its dtype):
+            # the casts carry the gradients back to the adapters' own dtype.
             update = None
             for adapter in adapters:
-                weight_a, weight_b = self.lora_A[adapter][name], self.lora_B[adapter][name]
-                dropped = self.lora_dropout[adapter](rows.to(weight_a.dtype))
-                inner = product(dropped, weight_a, self._memory(adapter, "A", name))
+                weight_a, weight_b = (factor[adapter][name].to(rows.dtype) for factor in (self.lora_A, self.lora_B))
+                inner = product(self.lora_dropout[adapter](rows), weight_a, self._memory(adapter, "A", name))
                 term = product(inner, weight_b, self._memory(adapter, "B", name)) * self.scaling[adapter]
                 update = term if update is None else update + term
-            return update.to(rows.dtype)
+            return update
 
         return self.base_layer(hidden_states, dispatch, low_rank_update=low_rank_update)
 

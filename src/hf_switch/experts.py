@@ -158,6 +158,14 @@ class SwitchExperts(nn.Module):
         """
         weights = {"wi_0": self.wi_0, "wi_1": self.wi_1} if self.is_gated else {"wi": self.wi}
         weights["wo"] = self.wo
+        device_type = hidden_states.device.type
+        if torch.is_autocast_enabled(device_type):
+            # Autocast does not reach into the expert kernels (their products write into outputs they allocate), so
+            # the layer casts as autocast would: products in its dtype; the casts carry the weights' gradients back
+            # to the weights' own dtype.
+            compute_dtype = torch.get_autocast_dtype(device_type)
+            weights = {name: weight.to(compute_dtype) for name, weight in weights.items()}
+            hidden_states = hidden_states.to(compute_dtype)
         token_ids, pair_weights = dispatch.token_ids, dispatch.weights
         layout = self._layout(dispatch.tokens_per_expert, hidden_states)
         if layout == "fused_grouped":
