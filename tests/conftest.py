@@ -10,6 +10,7 @@ from transformers import (
 )
 
 from hf_switch import SwitchConfig, SwitchForConditionalGeneration
+from hf_switch.routing import end_balancing_step
 
 # The suite runs on CPU; HF_SWITCH_TEST_DEVICE=cuda runs it unchanged with every model and tensor on an accelerator
 # (benchmarks/gpu.sh).
@@ -93,3 +94,18 @@ def accumulating_trainer(model, output_dir, callbacks=(), **arguments):
 @pytest.fixture
 def batch():
     return random_batch()
+
+
+def one_process_losses(model, batches, learning_rate: float) -> list[float]:
+    """The losses of AdamW steps of `model` on `batches` in one process, each step closing the balancing step: the
+    reference that multi-process runs on split batches are compared with."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
+    losses = []
+    for batch in batches:
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        end_balancing_step(model)
+        losses.append(loss.item())
+    return losses

@@ -12,7 +12,7 @@ import deepspeed
 import deepspeed.comm as dist
 import deepspeed_cpu_entry  # noqa: F401  (skips the shared-memory op build of init_distributed)
 import torch
-from conftest import random_batch, tiny_config
+from conftest import one_process_losses, random_batch, tiny_config
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
 from hf_switch import SwitchForConditionalGeneration, save_as_switch_transformers
@@ -277,16 +277,7 @@ def zero3(directory: Path, expert_parallel_size: int) -> dict:
     options = dict(num_experts=8, expert_capacity=None, capacity_factor=None, load_balancing_scope="global_batch")
     folder = reference_folder(directory, **options)
     batches = [random_batch(batch=2 * dist.get_world_size(), source=5, target=4, seed=10 + step) for step in range(4)]
-    reference = SwitchForConditionalGeneration.from_pretrained(folder).train()
-    optimizer = torch.optim.AdamW(reference.parameters(), lr=1e-2)
-    expected = []
-    for batch in batches[:3]:
-        loss = reference(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        end_balancing_step(reference)
-        expected.append(loss.item())
+    expected = one_process_losses(SwitchForConditionalGeneration.from_pretrained(folder).train(), batches[:3], 1e-2)
 
     engine = initialize(folder, 3, False, 1)
     tokens_per_expert = []

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import random_batch, tiny_model
+from conftest import one_process_losses, random_batch, tiny_model
 
 from hf_switch import SwitchForConditionalGeneration
-from hf_switch.routing import SwitchRouter, end_balancing_step
+from hf_switch.routing import SwitchRouter
 
 ROOT = Path(__file__).parent.parent
 WORKER = Path(__file__).parent / "fsdp_worker.py"
@@ -40,15 +40,7 @@ def test_fsdp2_trains_like_one_process_resumes_and_saves_one_folder(tmp_path):
     run = json.loads((tmp_path / "run.json").read_text())
 
     model = tiny_model(0, **CONFIG).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE)
-    losses = []
-    for batch in global_batches():
-        loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        end_balancing_step(model)
-        losses.append(loss.item())
+    losses = one_process_losses(model, global_batches(), LEARNING_RATE)
     torch.testing.assert_close(run["losses"], losses, rtol=1e-5, atol=0)
     assert run["resumed_loss"] == pytest.approx(run["losses"][2], rel=1e-6)
     biases = [module.expert_bias.tolist() for module in model.modules() if isinstance(module, SwitchRouter)]
