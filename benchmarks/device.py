@@ -58,3 +58,12 @@ def peak_memory_mib() -> float:
     with open("/proc/self/status") as status:
         line = next(line for line in status if line.startswith("VmHWM:"))
     return int(line.split()[1]) / 2**10
+
+
+def step_memory_mib(step, steps: int) -> tuple[float, float]:
+    """`(memory in use now, its peak over `steps` calls of `step`)`, in MiB: a built model, then its training steps."""
+    built = memory_mib()
+    reset_peak_memory()
+    for _ in range(steps):
+        step()
+    return built, peak_memory_mib()

@@ -54,13 +54,9 @@ def peak_memory(spec: dict) -> dict:
     device.use(spec["device"], spec["dtype"])
     case = ModelCase(**spec["case"])
     model = build_variant(case, spec["variant"])
-    step = train_step(model, batch(case))
-    built = device.memory_mib()
-    device.reset_peak_memory()
-    for _ in range(spec["steps"]):
-        step()
+    built, peak = device.step_memory_mib(train_step(model, batch(case)), spec["steps"])
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"steps_mib": device.peak_memory_mib() - built, "trainable_parameters": trainable}
+    return {"steps_mib": peak - built, "trainable_parameters": trainable}
 
 
 def memory_spec(case: ModelCase, variant: str) -> str:

@@ -21,15 +21,11 @@ def main(spec: dict) -> dict:
     imported = device.memory_mib()
     case = ModelCase(**spec["case"])
     model = build_model(case, spec["kind"])
-    step = train_step(model, batch(case))
-    built = device.memory_mib()
-    device.reset_peak_memory()
-    for _ in range(spec["steps"]):
-        step()
+    built, peak = device.step_memory_mib(train_step(model, batch(case)), spec["steps"])
     return {
         "imported_mib": imported,
         "built_mib": built,
-        "peak_mib": device.peak_memory_mib(),
+        "peak_mib": peak,
         "parameter_mib": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20,
     }
 

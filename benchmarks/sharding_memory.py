@@ -91,18 +91,19 @@ def wrapped(engine: str):
 def main(engine: str, out: Path) -> None:
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     imported = device.memory_mib()
-    model, backward, step = wrapped(engine)
-    built = device.memory_mib() - imported
-    device.reset_peak_memory()
+    model, backward, optimizer_step = wrapped(engine)
     generator = torch.Generator().manual_seed(dist.get_rank())
-    for _ in range(2):
+
+    def training_step():
         batch = {
             "input_ids": torch.randint(2, 8192, (4, 64), generator=generator),
             "labels": torch.randint(2, 8192, (4, 64), generator=generator),
         }
         backward(model(**batch).loss)
-        step()
-    measured = {"built_mib": built, "peak_mib": device.peak_memory_mib() - imported}
+        optimizer_step()
+
+    built, peak = device.step_memory_mib(training_step, steps=2)
+    measured = {"built_mib": built - imported, "peak_mib": peak - imported}
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, measured)
     if dist.get_rank() == 0:

@@ -167,13 +167,12 @@ class SwitchExperts(nn.Module):
             weights = {name: weight.to(compute_dtype) for name, weight in weights.items()}
             hidden_states = hidden_states.to(compute_dtype)
         token_ids, pair_weights = dispatch.token_ids, dispatch.weights
-        layout = self._layout(dispatch.tokens_per_expert, hidden_states)
+        layout, group_sizes = self._layout(dispatch.tokens_per_expert, hidden_states)
         if layout == "fused_grouped":
             tokens = hidden_states.index_select(0, token_ids)
             offsets = dispatch.tokens_per_expert.cumsum(0, dtype=torch.int32)
             product = lambda rows, stacked, memory: torch._grouped_mm(rows, stacked.mT, offs=offsets)  # noqa: E731
         elif layout == "padded":
-            group_sizes = dispatch.tokens_per_expert.tolist()
             experts, capacity, width = self.num_local_experts, max(group_sizes), hidden_states.shape[-1]
             pairs, padding = padded_layout(dispatch.tokens_per_expert, capacity)
             token_ids = token_ids[pairs]
@@ -183,7 +182,6 @@ class SwitchExperts(nn.Module):
             tokens = hidden_states.index_select(0, token_ids).index_fill_(0, padding, 0).view(experts, capacity, width)
             product = PaddedLinear.apply
         else:
-            group_sizes = dispatch.tokens_per_expert.tolist()
             tokens = hidden_states.index_select(0, token_ids)
             product = lambda rows, stacked, memory: GroupedLinear.apply(rows, stacked, group_sizes, memory)  # noqa: E731
 
@@ -225,20 +223,24 @@ class SwitchExperts(nn.Module):
         weights = expert_weight.masked_fill(~kept, 0)
         return ALL_EXPERTS_FUNCTIONS[implementation](experts, hidden_states, expert_index, weights)
 
-    def _layout(self, tokens_per_expert: torch.Tensor, hidden_states: torch.Tensor) -> str:
+    def _layout(self, tokens_per_expert: torch.Tensor, hidden_states: torch.Tensor) -> tuple[str, list[int] | None]:
+        """This call's layout, and the group sizes as a list (one host copy; None for "fused_grouped", which reads
+        them on the device)."""
         if self.layout not in LAYOUTS:
             raise ValueError(f"SwitchExperts.layout={self.layout!r}: choose one of {LAYOUTS}.")
-        if self.layout != "auto":
-            return self.layout
-        if fused_grouped_gemm_available(hidden_states):
-            return "fused_grouped"
+        auto_fused = self.layout == "auto" and fused_grouped_gemm_available(hidden_states)
+        if self.layout == "fused_grouped" or auto_fused:
+            return "fused_grouped", None
         group_sizes = tokens_per_expert.tolist()
+        if self.layout != "auto":
+            return self.layout, group_sizes
         experts = self.num_local_experts
         rows, empty = sum(group_sizes), group_sizes.count(0)
         if rows == 0 or empty > self.empty_budget * experts:
-            return "grouped"
+            return "grouped", group_sizes
         padded_rows = experts * max(group_sizes)
-        return "padded" if padded_rows <= rows * (1 + 8 / (rows / experts) ** 0.75) else "grouped"
+        padded = padded_rows <= rows * (1 + 8 / (rows / experts) ** 0.75)
+        return ("padded" if padded else "grouped"), group_sizes
 
     def _ffn(self, tokens, linear, output_dtype):
         """The expert feed-forward network, with `linear(x, weight_name)` applying each expert's weight."""
