@@ -57,7 +57,11 @@ SWITCH_8_VARIANTS = {
 ABLATIONS = {
     **{f"switch-8-{f}x": ["--config_overrides", "num_experts=8"] for f in (0.6, 0.8)},
     **{f"t5-lr{rate}": ["--architecture", "t5", "--learning_rate", rate] for rate in LEARNING_RATES},
-    **{f"switch-8-lr{r}": ["--config_overrides", "num_experts=8", "--learning_rate", r] for r in LEARNING_RATES},
+    **{
+        f"switch-{e}-lr{rate}": ["--config_overrides", f"num_experts={e}", "--learning_rate", rate]
+        for e in (2, 8, 32)
+        for rate in LEARNING_RATES
+    },
     **{f"switch-8-{name}": ["--config_overrides", f"num_experts=8,{o}"] for name, o in SWITCH_8_VARIANTS.items()},
     **{
         f"switch-8-{name}-lr{rate}": ["--config_overrides", f"num_experts=8,{o}", "--learning_rate", rate]
@@ -163,8 +167,9 @@ def train_run(root: Path, task: str, run: str, seed: int, steps: int) -> str:
         "--tokenizer_name_or_path", str(data / "tokenizer"), "--seed", str(seed), "--max_steps", str(steps),
         "--output_dir", str(output),
     ]  # fmt: skip
-    if any(output.glob("checkpoint-*")):
-        arguments += ["--resume_from_checkpoint", "true"]
+    checkpoints = sorted(output.glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
+    if checkpoints:
+        arguments += ["--resume_from_checkpoint", str(checkpoints[-1])]
     output.mkdir(parents=True, exist_ok=True)
     commands = [["hf-switch", command, *arguments]]
     if task == "translate":
