@@ -14,14 +14,16 @@ import deepspeed_cpu_entry  # noqa: F401  (skips the shared-memory op build of i
 import torch
 from conftest import one_process_losses, random_batch, tiny_config
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+from safetensors.torch import load_file
 
-from hf_switch import SwitchForConditionalGeneration, save_as_switch_transformers
+from hf_switch import SwitchForConditionalGeneration, apply_lora, lora_config, save_as_switch_transformers
 from hf_switch.expert_parallel import (
     consolidated_state_dict,
     deepspeed_checkpoint_state_dict,
     moe_optimizer_groups,
 )
 from hf_switch.experts import SwitchExperts
+from hf_switch.lora import load_adapter
 from hf_switch.routing import end_balancing_step
 
 TOLERANCE = 1e-5
@@ -323,7 +325,95 @@ def zero3(directory: Path, expert_parallel_size: int) -> dict:
     return {"losses": losses, "expected": expected, "next_losses": next_losses, **errors}
 
 
-SCENARIOS = {"equivalence": equivalence, "engine": engine, "training_step": training_step, "zero3": zero3}
+def lora_engine(base: Path, adapter: Path, expert_parallel_size: int):
+    """ZeRO-2 over an expert-parallel base model with `adapter` loaded trainable (this rank's experts' factors)."""
+    model = load_adapter(
+        SwitchForConditionalGeneration.from_pretrained(base, expert_parallel_size=expert_parallel_size),
+        adapter,
+        is_trainable=True,
+    ).train()
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    optimizer = torch.optim.AdamW(moe_optimizer_groups([{"params": trainable}]), lr=1e-2)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=engine_config(2, False))
+    return engine
+
+
+def lora(directory: Path, expert_parallel_size: int) -> dict:
+    """LoRA on attention and experts of an expert-parallel model, each rank holding its experts' adapters: loaded
+    from a one-process adapter (cut to the rank's experts), three ZeRO-2 AdamW steps give the losses of one process on
+    the whole batch; a DeepSpeed checkpoint resumes with the same parameters and next loss; the adapter saved from the
+    gathered state dict holds every expert and loads, in one process and onto an expert-parallel model, with the
+    engine's logits."""
+    world = dist.get_world_size()
+    base = reference_folder(directory)
+    batches = [random_batch(batch=2 * world, seed=10 + step) for step in range(4)]
+    if dist.get_rank() == 0:
+        torch.manual_seed(1)
+        single = SwitchForConditionalGeneration.from_pretrained(base)
+        adapted = apply_lora(single, lora_config("attention+experts", single.config, r=4))
+        for name, parameter in adapted.named_parameters():
+            if "lora_B" in name:  # a fresh B is zero: the adapter would not matter to the first step
+                torch.nn.init.normal_(parameter, std=0.1)
+        adapted.save_pretrained(directory / "initial_adapter")
+    dist.barrier()
+    single = load_adapter(
+        SwitchForConditionalGeneration.from_pretrained(base), directory / "initial_adapter", is_trainable=True
+    )
+    expected = one_process_losses(single.train(), batches[:3], 1e-2)
+
+    engine = lora_engine(base, directory / "initial_adapter", expert_parallel_size)
+    losses = []
+    for batch in batches[:3]:
+        loss = engine(**this_ranks_rows(batch)).loss
+        engine.backward(loss)
+        engine.step()
+        end_balancing_step(engine.module)
+        dist.all_reduce(mean := loss.detach() / world)
+        losses.append(mean.item())
+    assert max(abs(a - b) / b for a, b in zip(losses, expected, strict=True)) < TOLERANCE, (losses, expected)
+
+    # As the Trainer saves and resumes a peft model. DeepSpeed's ZeRO-2 checkpoint of frozen parameters (the
+    # default, exclude_frozen_parameters=False) holds rank 0's frozen experts and loads them onto every rank.
+    engine.save_checkpoint(directory / "lora_deepspeed", exclude_frozen_parameters=True)
+    resumed = lora_engine(base, directory / "initial_adapter", expert_parallel_size)
+    resumed.load_checkpoint(directory / "lora_deepspeed", load_module_strict=False)
+    for (name, parameter), resumed_parameter in zip(
+        engine.module.named_parameters(), resumed.module.parameters(), strict=True
+    ):
+        assert torch.equal(parameter, resumed_parameter), name
+    next_losses = [model(**this_ranks_rows(batches[3])).loss.item() for model in (engine, resumed)]
+    assert next_losses[0] == next_losses[1], next_losses
+
+    check = random_batch(batch=2 * world, seed=99)
+    logits = gathered_logits(engine.module.eval(), check)
+    gathered = consolidated_state_dict(engine.module)  # collective
+    if dist.get_rank() == 0:
+        engine.module.save_pretrained(directory / "trained_adapter", state_dict=gathered)
+    dist.barrier()
+    saved = load_file(directory / "trained_adapter" / "adapter_model.safetensors")
+    expert_factors = {key: tensor.shape[0] for key, tensor in saved.items() if ".experts.lora_" in key}
+    assert expert_factors and set(expert_factors.values()) == {4}, expert_factors
+    errors = {}
+    reloaded = load_adapter(
+        SwitchForConditionalGeneration.from_pretrained(base, expert_parallel_size=expert_parallel_size),
+        directory / "trained_adapter",
+    )
+    errors["expert_parallel_reload"] = (gathered_logits(reloaded.eval(), check) - logits).abs().max().item()
+    if dist.get_rank() == 0:
+        one_process = load_adapter(SwitchForConditionalGeneration.from_pretrained(base), directory / "trained_adapter")
+        errors["one_process_reload"] = (one_process.eval()(**check).logits - logits).abs().max().item()
+        assert max(errors.values()) < TOLERANCE, errors
+    dist.barrier()
+    return {"losses": losses, "expected": expected, "next_losses": next_losses, **errors}
+
+
+SCENARIOS = {
+    "equivalence": equivalence,
+    "engine": engine,
+    "training_step": training_step,
+    "zero3": zero3,
+    "lora": lora,
+}
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import tiny_config
+import torch
+from conftest import random_batch, tiny_config
 from safetensors.torch import load_file
 
 from hf_switch import SwitchForConditionalGeneration
@@ -259,10 +260,44 @@ def test_expert_parallel_size_from_flag_or_deepspeed_config():
         resolve_expert_parallel_size(0, None)
 
 
-def test_lora_on_expert_parallel_models_is_refused():
-    from hf_switch import apply_lora, lora_config
+@pytest.mark.slow
+def test_lora_on_an_expert_parallel_model_trains_resumes_and_saves_every_experts_adapter(tmp_path):
+    result = run_ranks(2, "lora", tmp_path, 2)
+    assert result["losses"][-1] < result["losses"][0]
+    assert result["expert_parallel_reload"] < 1e-5 and result["one_process_reload"] < 1e-5, result
 
-    model = SwitchForConditionalGeneration(tiny_config())
-    model.config.expert_parallel_size = 2  # as loaded with expert_parallel_size=2 (no process group needed here)
-    with pytest.raises(ValueError, match="expert_parallel_size=2: LoRA finetuning runs with every rank"):
-        apply_lora(model, lora_config("attention+experts", model.config))
+
+@pytest.mark.slow
+def test_lora_finetuning_under_expert_parallelism_resumes_exactly_and_saves_every_experts_adapter(tmp_path):
+    """`hf-switch finetune` (scripts/finetune_lora.py) on 2 ranks, 2 experts each, under the `deepspeed` launcher:
+    4 steps with a checkpoint at step 2; resuming that checkpoint ends with the same adapter, bit for bit; the
+    adapter holds all 4 experts' factors and, merged onto the base in one process, equals the `--merge`d folder."""
+    from hf_switch.lora import load_adapter
+    from hf_switch.training import main as train
+
+    pairs = tmp_path / "pairs.jsonl"
+    words = "red green blue small large cat dog house".split()
+    pairs.write_text("\n".join(json.dumps({"source": f"{a} {b}", "target": f"{b} {a}"}) for a in words for b in words))
+    common = ["--preset", "tiny", "--report_to", "none", "--eval_strategy", "no", "--objective", "seq2seq"]
+    common += ["--train_file", str(pairs), "--per_device_train_batch_size", "4"]
+    train([*common, "--max_steps", "1", "--output_dir", str(tmp_path / "base"), "--tokenizer_vocab_size", "120"])
+    launch = ["deepspeed", "--num_gpus", "2", str(ENTRY), str(ROOT / "scripts/finetune_lora.py"), *common]
+    launch += ["--deepspeed", str(ROOT / "configs/deepspeed/zero2_moe.json"), "--expert_parallel_size", "2"]
+    launch += ["--model_name_or_path", str(tmp_path / "base"), "--max_steps", "4", "--save_steps", "2"]
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    subprocess.run([*launch, "--merge", "--output_dir", str(whole)], check=True, env=ENVIRONMENT, timeout=300)
+    shutil.copytree(whole / "checkpoint-2", resumed / "checkpoint-2")
+    command = [*launch, "--output_dir", str(resumed), "--resume_from_checkpoint", str(resumed / "checkpoint-2")]
+    subprocess.run(command, check=True, env=ENVIRONMENT, timeout=300)
+
+    adapter = load_file(whole / "adapter_model.safetensors")
+    resumed_adapter = load_file(resumed / "adapter_model.safetensors")
+    assert adapter.keys() == resumed_adapter.keys()
+    assert all(torch.equal(tensor, resumed_adapter[key]) for key, tensor in adapter.items())
+    expert_factors = {key: tensor.shape[0] for key, tensor in adapter.items() if ".experts.lora_" in key}
+    assert expert_factors and set(expert_factors.values()) == {4}, expert_factors
+    merged = load_adapter(SwitchForConditionalGeneration.from_pretrained(tmp_path / "base"), whole).merge_and_unload()
+    batch = random_batch(batch=4, seed=3)
+    with torch.no_grad():
+        expected = SwitchForConditionalGeneration.from_pretrained(whole / "merged").eval()(**batch).logits
+        torch.testing.assert_close(merged.eval()(**batch).logits, expected, rtol=0, atol=1e-5)

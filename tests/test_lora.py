@@ -22,6 +22,7 @@ from hf_switch.lora import (
     register_expert_lora,
 )
 from hf_switch.prediction import load_for_prediction
+from hf_switch.routing import end_balancing_step
 
 
 def _adapted(model, preset="attention+experts", **options):
@@ -36,6 +37,7 @@ def _train_steps(model, steps=3):
         model(**batch).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
+        end_balancing_step(model)
     return model.eval()
 
 
@@ -71,6 +73,21 @@ def test_only_adapter_parameters_change_and_the_router_stays_frozen():
     assert any("experts" in name and "lora_B" in name for name in changed)
 
 
+@pytest.mark.parametrize("train_router", [False, True])
+def test_expert_bias_moves_only_with_a_trained_router_and_the_adapter_reproduces_the_model(train_router, tmp_path):
+    # The Trainer closes each step with end_balancing_step; a bias that moved under a frozen router would be lost
+    # with the adapter, which holds no router.
+    options = dict(router_expert_bias=True, router_bias_update_rate=0.05)
+    model = _train_steps(_adapted(tiny_model(**options), train_router=train_router))
+    biases = [buffer for name, buffer in model.named_buffers() if name.endswith("expert_bias")]
+    assert any(bias.any() for bias in biases) == train_router
+    model.save_pretrained(tmp_path / "adapter")
+    reloaded = load_adapter(tiny_model(**options), tmp_path / "adapter")
+    batch = random_batch()
+    with torch.no_grad():
+        assert torch.allclose(reloaded.eval()(**batch).logits, model(**batch).logits, atol=1e-6)
+
+
 def test_disabled_adapter_gives_the_base_output_and_merging_gives_the_adapter_output():
     base = tiny_model()
     batch = random_batch()
@@ -103,10 +120,13 @@ def test_adapter_reloads_onto_a_fresh_auto_model(tmp_path):
 def test_gradient_check_refuses_expert_adapters_without_gradient():
     model = _adapted(tiny_model())
     check = ExpertLoraGradientCheck()
-    with pytest.raises(RuntimeError, match=r"'default' of .*mlp\.experts\.w[io] received no gradient"):
-        check.on_pre_optimizer_step(None, None, None, model=model)
+    check.on_train_begin(None, None, None, model=model)
+    with pytest.raises(RuntimeError, match=r"adapter 'default' of .*mlp\.experts\.w[io] received no gradient"):
+        check.on_step_end(None, None, None)
+    check = ExpertLoraGradientCheck()
+    check.on_train_begin(None, None, None, model=model)
     model(**random_batch()).loss.backward()
-    ExpertLoraGradientCheck().on_pre_optimizer_step(None, None, None, model=model)
+    check.on_step_end(None, None, None)
 
 
 def test_finetune_command_saves_adapter_and_merged_model(tmp_path, capsys):

@@ -76,6 +76,9 @@ class SwitchExpertsLora(nn.Module, LoraLayer):
             self.lora_B[adapter_name][name] = nn.Parameter(weight.new_empty(experts, out_features, r))
         self.reset_lora_parameters(adapter_name, config.init_lora_weights)
         self._move_adapter_to_device_of_base_layer(adapter_name)
+        hold_adapters = getattr(self.get_base_layer(), "hold_adapters", None)
+        if hold_adapters is not None:  # expert parallelism: the factors are this rank's experts'
+            hold_adapters(self)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
     def reset_lora_parameters(self, adapter_name: str, init_lora_weights) -> None:

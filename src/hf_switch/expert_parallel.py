@@ -15,6 +15,7 @@ the expert-parallel size, `E_local = E / p`.
 """
 
 import re
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -108,17 +109,30 @@ class ExpertParallelExperts(MoE, SwitchExperts):
         self.group = groups._get_expert_parallel_group(self.expert_group_name)
         self.first_expert = groups._get_expert_parallel_rank(self.expert_group_name) * self.num_local_experts
         self.mark_expert_parameters()
+        self._holds_adapters = False
         self.register_state_dict_post_hook(_name_experts_as_deepspeed)
         self.register_load_state_dict_pre_hook(_stack_deepspeed_experts)
 
-    def mark_expert_parameters(self) -> None:
-        """Mark the weights as DeepSpeed marks expert weights: reduced within the expert-data-parallel group only.
+    def mark_expert_parameters(self, parameters=None) -> None:
+        """Mark the weights (or `parameters` that belong to this rank's experts, such as their LoRA factors) as
+        DeepSpeed marks expert weights: reduced within the expert-data-parallel group only.
 
         Loading may replace parameter objects (transformers assigns loaded tensors), so this runs again after it.
         """
-        for parameter in self.parameters():
+        for parameter in self.parameters() if parameters is None else parameters:
             parameter.allreduce = False
             parameter.group_name = self.expert_group_name
+
+    def hold_adapters(self, lora_layer: torch.nn.Module) -> None:
+        """Keep the LoRA factors of `lora_layer` (the peft layer wrapping this module; each factor `[E_local, ...]`)
+        with this rank's experts: reduced as expert weights, and written into and read back from DeepSpeed's
+        per-expert checkpoint files beside the expert weights (the engine's other file holds rank 0's factors only).
+        """
+        if not self._holds_adapters:
+            self._holds_adapters = True
+            self.register_state_dict_post_hook(partial(_name_adapters_as_deepspeed, lora_layer))
+            lora_layer.register_load_state_dict_pre_hook(_stack_deepspeed_adapters)
+        self.mark_expert_parameters(list(_adapter_factors(lora_layer).values()))
 
     def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
         # The engine calls this on every MoE layer; the groups exist since __init__ (they decide the held experts).
@@ -128,12 +142,13 @@ class ExpertParallelExperts(MoE, SwitchExperts):
                 "parallelism: the expert-parallel groups are consecutive ranks. Remove it from the config."
             )
 
-    def forward(self, hidden_states: torch.Tensor, dispatch: Dispatch) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, dispatch: Dispatch, low_rank_update=None) -> torch.Tensor:
         """Send each pair's token to the rank holding its expert, run the held experts, combine what comes back.
 
         Args:
             hidden_states: `[N, d]` this rank's tokens.
             dispatch: this rank's pairs, grouped by (global) expert (`tokens_per_expert` has `E` entries).
+            low_rank_update: as in `SwitchExperts.forward`, for the held experts (their LoRA adapters).
 
         Returns:
             `[N, d]`; zeros for tokens that no pair names.
@@ -153,7 +168,7 @@ class ExpertParallelExperts(MoE, SwitchExperts):
         held_expert = torch.arange(local, device=received.device).repeat(ranks)
         by_expert = torch.argsort(held_expert.repeat_interleave(received_counts.flatten()), stable=True)
         arrivals = Dispatch(token_ids=by_expert, weights=None, tokens_per_expert=received_counts.sum(dim=0))
-        outputs = SwitchExperts.forward(self, received, arrivals)
+        outputs = SwitchExperts.forward(self, received, arrivals, low_rank_update=low_rank_update)
         returned = AllToAll.apply(outputs, recv_sizes, send_sizes, self.group)
         return combine(returned, dispatch.token_ids, dispatch.weights, hidden_states.shape[0])
 
@@ -177,9 +192,39 @@ def _stack_deepspeed_experts(module: ExpertParallelExperts, state_dict, prefix: 
     """Stack DeepSpeed's per-expert entries (`{prefix}deepspeed_moe...deepspeed_experts.{local id}.wi`, as its
     `load_checkpoint` hands them over) into this module's `[E_local, ...]` weights before loading."""
     for name in _STACKED_EXPERT_NAMES:
-        keys = [f"{prefix}{DEEPSPEED_EXPERT_PREFIX}{local_id}.{name}" for local_id in range(module.num_local_experts)]
-        if all(key in state_dict for key in keys):
-            state_dict[f"{prefix}{name}"] = torch.stack([state_dict.pop(key) for key in keys])
+        _stack_entries(state_dict, f"{prefix}{DEEPSPEED_EXPERT_PREFIX}", name, module.num_local_experts, prefix)
+
+
+def _adapter_factors(lora_layer: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The LoRA factors of an expert LoRA layer by their names in it (`lora_A.<adapter>.wo`)."""
+    return {name: factor for name, factor in lora_layer.named_parameters() if name.startswith("lora_")}
+
+
+def _name_adapters_as_deepspeed(lora_layer, module: ExpertParallelExperts, state_dict, prefix: str, *args) -> None:
+    """Add the held experts' LoRA factors to the module's own `state_dict()` under DeepSpeed's per-expert names
+    (`deepspeed_experts.{local id}.lora_A.<adapter>.wo`), so that the engine writes them into each expert's file."""
+    if prefix:
+        return
+    for name, factor in _adapter_factors(lora_layer).items():
+        for local_id, expert_factor in enumerate(factor.detach()):
+            state_dict[f"{DEEPSPEED_EXPERT_PREFIX}{local_id}.{name}"] = expert_factor
+
+
+def _stack_deepspeed_adapters(lora_layer, state_dict, prefix: str, *args) -> None:
+    """Stack the per-expert LoRA factors of a DeepSpeed checkpoint into the LoRA layer's `[E_local, ...]` factors
+    before loading, in place of the engine's other file's entries (rank 0's factors)."""
+    experts = lora_layer.get_base_layer()
+    for name in _adapter_factors(lora_layer):
+        _stack_entries(
+            state_dict, f"{prefix}base_layer.{DEEPSPEED_EXPERT_PREFIX}", name, experts.num_local_experts, prefix
+        )
+
+
+def _stack_entries(state_dict: dict, expert_prefix: str, name: str, count: int, prefix: str) -> None:
+    """`state_dict[prefix + name]` = the stacked `{expert_prefix}{local id}.{name}` entries, removed, if all exist."""
+    keys = [f"{expert_prefix}{local_id}.{name}" for local_id in range(count)]
+    if all(key in state_dict for key in keys):
+        state_dict[f"{prefix}{name}"] = torch.stack([state_dict.pop(key) for key in keys])
 
 
 def local_expert_state_dict(model: torch.nn.Module, checkpoint_files: list[str]) -> dict:
@@ -219,17 +264,24 @@ def local_expert_state_dict(model: torch.nn.Module, checkpoint_files: list[str])
 
 
 def consolidated_state_dict(model: torch.nn.Module) -> dict:
-    """The whole model's state dict with every expert, gathered from the expert-parallel group (all ranks call it)."""
+    """The whole model's state dict with every expert, gathered from the expert-parallel group (all ranks call it).
+
+    The experts' LoRA factors (`...experts.lora_A.<adapter>.wo`, `[E_local, r, d]`, on a peft model) are gathered
+    with them, so a `PeftModel.save_pretrained(..., state_dict=...)` of it holds every expert's adapter.
+    """
     state_dict = model.state_dict()
     for name, module in model.named_modules():
-        if not isinstance(module, ExpertParallelExperts):
+        if isinstance(module, ExpertParallelExperts):
+            keys, experts = [f"{name}.{weight_name}" for weight_name in _STACKED_EXPERT_NAMES], module
+        elif isinstance(getattr(module, "base_layer", None), ExpertParallelExperts):  # an expert LoRA layer
+            keys, experts = [f"{name}.{factor}" for factor in _adapter_factors(module)], module.base_layer
+        else:
             continue
-        for weight_name in _STACKED_EXPERT_NAMES:
-            key = f"{name}.{weight_name}"
+        for key in keys:
             if key in state_dict:
                 local = state_dict[key].detach().contiguous()
-                pieces = [torch.empty_like(local) for _ in range(module.ep_size)]
-                dist.all_gather(pieces, local, group=module.group)
+                pieces = [torch.empty_like(local) for _ in range(experts.ep_size)]
+                dist.all_gather(pieces, local, group=experts.group)
                 state_dict[key] = torch.cat(pieces)
     return state_dict
 

@@ -9,15 +9,17 @@ Adapters saved by hf_switch before it, through peft's `target_parameters` (`Para
 
 The known failure of LoRA on MoE models is that the experts are silently left out; `apply_lora` checks after
 wrapping that every targeted name matched and every sparse layer carries expert adapters, and
-`ExpertLoraGradientCheck` checks on the first optimizer step that those adapters receive gradients.
+`ExpertLoraGradientCheck` checks in the first optimizer step that those adapters receive gradients.
 """
 
 import logging
 import sys
 import tempfile
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
+import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils import load_peft_weights
 from safetensors.torch import save_file
@@ -101,13 +103,6 @@ def expert_adapters(model: nn.Module) -> dict[str, list[str]]:
 
 def apply_lora(model: nn.Module, lora: LoraConfig) -> PeftModel:
     """`get_peft_model`, then refuse targets that matched nothing and sparse layers left without expert adapters."""
-    expert_parallel_size = getattr(model.config, "expert_parallel_size", 1)
-    if expert_parallel_size > 1:
-        # peft wraps the experts module, which then no longer is the DeepSpeed MoE layer its engine must recognise.
-        raise ValueError(
-            f"SwitchConfig.expert_parallel_size={expert_parallel_size}: LoRA finetuning runs with every rank holding "
-            "every expert (expert_parallel_size=1); adapters are small enough for plain data parallelism."
-        )
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     peft_model = get_peft_model(model, lora)
     adapted = {name.rsplit(".", 1)[-1] for name, module in peft_model.named_modules() if hasattr(module, "lora_A")}
@@ -157,18 +152,21 @@ def load_adapter(
 ) -> PeftModel:
     """Load a LoRA adapter folder onto `model` (a base model, or a `PeftModel` that gets `adapter_name` beside its
     adapters), with the expert LoRA layer registered; adapters of peft's `target_parameters` path are converted."""
-    lora = LoraConfig.from_pretrained(adapter)
-    with tempfile.TemporaryDirectory() as converted:
-        if lora.target_parameters:
-            lora, weights = _from_parameter_adapter(lora, load_peft_weights(str(adapter), device="cpu"))
-            lora.save_pretrained(converted)
-            save_file(weights, Path(converted) / "adapter_model.safetensors")
-            logger.warning(
-                "%s holds expert adapters of peft's target_parameters path; converted to hf_switch's expert LoRA "
-                "layer (the same numbers). Save it again to keep the converted form.",
-                adapter,
-            )
-            adapter = converted
+    lora, weights = LoraConfig.from_pretrained(adapter), None
+    if lora.target_parameters:
+        lora, weights = _from_parameter_adapter(lora, load_peft_weights(str(adapter), device="cpu"))
+        logger.warning(
+            "%s holds expert adapters of peft's target_parameters path; converted to hf_switch's expert LoRA layer "
+            "(the same numbers). Save it again to keep the converted form.",
+            adapter,
+        )
+    if getattr(model.config, "expert_parallel_size", 1) > 1:
+        weights = _this_ranks_experts(model, weights or load_peft_weights(str(adapter), device="cpu"), adapter)
+    with tempfile.TemporaryDirectory() as rewritten:
+        if weights is not None:
+            lora.save_pretrained(rewritten)
+            save_file(weights, Path(rewritten) / "adapter_model.safetensors")
+            adapter = rewritten
         register_expert_lora(lora)
         if isinstance(model, PeftModel):
             model.add_adapter(adapter_name, lora)
@@ -177,30 +175,64 @@ def load_adapter(
         return PeftModel.from_pretrained(model, adapter, adapter_name, is_trainable=is_trainable, config=lora)
 
 
+def _this_ranks_experts(model: nn.Module, weights: dict, adapter) -> dict:
+    """The adapter `weights` with each expert LoRA factor (`[E, ...]`, every expert's) cut to the experts this rank
+    of an expert-parallel model holds."""
+    from .expert_parallel import ExpertParallelExperts
+
+    held = next(module for module in model.modules() if isinstance(module, ExpertParallelExperts))
+    first, count, total = held.first_expert, held.num_local_experts, model.config.num_experts
+    sliced = {}
+    for key, tensor in weights.items():
+        if f".{EXPERTS}.lora_" in key:
+            if tensor.shape[0] != total:
+                raise ValueError(
+                    f"{adapter}: {key} holds adapters for {tensor.shape[0]} experts, the model has {total}: an "
+                    "adapter saved from one rank of an expert-parallel model. Save with SwitchTrainer, or "
+                    "PeftModel.save_pretrained(folder, state_dict=hf_switch.expert_parallel.consolidated_state_dict("
+                    "model)) called on every rank."
+                )
+            tensor = tensor[first : first + count].clone()
+        sliced[key] = tensor
+    return sliced
+
+
 class ExpertLoraGradientCheck(TrainerCallback):
-    """On the first optimizer step, raise unless every expert LoRA adapter received a gradient.
+    """After the first optimizer step, raise unless every expert LoRA adapter received a gradient.
 
     At initialisation LoRA's B is zero, so only B's gradient can be non-zero on the first step; that is what is
-    checked, for each adapted expert parameter of each sparse layer.
+    checked, for each adapted expert parameter of each sparse layer. Hooks see the gradients as the backward pass
+    computes them, whichever engine then steps (DeepSpeed's ZeRO moves them out of `.grad` and steps inside
+    `backward`, before any callback could look).
     """
 
     def __init__(self):
-        self.checked = False
+        self.received: dict[str, torch.Tensor] = {}
+        self.hooks = []
 
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        if self.checked:
-            return
-        self.checked = True
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
         for name, module in model.named_modules():
             if not isinstance(module, SwitchExpertsLora):
                 continue
             for adapter in module.active_adapters:
                 for weight, factor in module.lora_B[adapter].items():
-                    if factor.grad is None or not factor.grad.any():
-                        raise RuntimeError(
-                            f"The LoRA adapter {adapter!r} of {name}.{weight} received no gradient on the first step: "
-                            "it is not part of the computation (a silent no-op)."
-                        )
+                    received = self.received[f"adapter {adapter!r} of {name}.{weight}"] = torch.zeros((), dtype=bool)
+                    self.hooks.append(factor.register_hook(partial(_record_gradient, received)))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks, received, self.received = [], self.received, {}
+        for adapter, gradient_seen in received.items():
+            if not gradient_seen:
+                raise RuntimeError(
+                    f"The LoRA {adapter} received no gradient on the first step: it is not part of the computation "
+                    "(a silent no-op)."
+                )
+
+
+def _record_gradient(received: torch.Tensor, gradient: torch.Tensor) -> None:
+    received.logical_or_(gradient.detach().ne(0).any().cpu())
 
 
 @dataclass
@@ -251,9 +283,13 @@ def finetune_main(argv: list[str] | None = None) -> dict:
         model_args, data_args, training_args, prepare_model=wrap, callbacks=[ExpertLoraGradientCheck()]
     )
     merged_dir = Path(training_args.output_dir) / "merged"
-    if lora_args.merge and trainer.is_world_process_zero():
-        trainer.model.merge_and_unload().save_pretrained(merged_dir)
-        trainer.processing_class.save_pretrained(merged_dir)
+    expert_parallel = getattr(trainer.model.config, "expert_parallel_size", 1) > 1
+    if lora_args.merge and (expert_parallel or trainer.is_world_process_zero()):
+        # Every rank of an expert-parallel model merges its experts' adapters; the save gathers them.
+        merged = trainer.model.merge_and_unload()
+        merged.save_pretrained(merged_dir, is_main_process=trainer.is_world_process_zero())
+        if trainer.is_world_process_zero():
+            trainer.processing_class.save_pretrained(merged_dir)
     end_training(trainer)
     if trainer.is_world_process_zero():
         folder, base = training_args.output_dir, model_args.model_name_or_path or "BASE_MODEL"

@@ -404,11 +404,13 @@ def end_balancing_step(model: nn.Module) -> None:
 
     Call it after each optimizer step (the Trainer does, through `training.BalancingStepCallback`), so that the
     global-batch load-balancing loss counts the micro-batches of one step only and the bias moves once per step. The
-    counts were summed over processes in the forward, so every process moves its bias alike.
+    counts were summed over processes in the forward, so every process moves its bias alike. A frozen router (as
+    LoRA finetuning leaves it unless the router is trained) keeps its bias too: an adapter, which holds no router,
+    then reproduces the finetuned model on its base.
     """
     for module in model.modules():
         if isinstance(module, SwitchRouter):
-            if module.uses_expert_bias:
+            if module.uses_expert_bias and module.classifier.weight.requires_grad:
                 update_expert_bias(module.expert_bias, module.step_expert_counts, module.config.router_bias_update_rate)
             module.step_expert_counts.zero_()
 
