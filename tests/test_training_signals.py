@@ -33,6 +33,32 @@ def test_loss_is_cross_entropy_plus_weighted_router_losses():
     assert output.loss.item() == pytest.approx((cross_entropy + router).item(), rel=1e-6)
 
 
+@pytest.mark.parametrize("predict_with_generate", [False, True])
+def test_evaluation_reports_the_cross_entropy_as_loss_and_the_router_losses_beside_it(tmp_path, predict_with_generate):
+    from transformers import Seq2SeqTrainingArguments
+
+    from hf_switch.training import SwitchTrainer
+
+    model = tiny_model(router_aux_loss_coef=0.5, router_z_loss_coef=0.25)
+    batch = random_batch(batch=4)
+    rows = [{name: tensor[row] for name, tensor in batch.items() if name != "attention_mask"} for row in range(4)]
+    settings = dict(per_device_eval_batch_size=2, report_to=[], use_cpu=True, disable_tqdm=True)
+    arguments = Seq2SeqTrainingArguments(
+        tmp_path, predict_with_generate=predict_with_generate, generation_max_length=4, **settings
+    )
+    metrics = SwitchTrainer(model=model, args=arguments, eval_dataset=rows).evaluate()
+    cross_entropies, router_losses = [], []
+    with torch.no_grad():
+        for half in (slice(0, 2), slice(2, 4)):
+            output = model(**{name: tensor[half] for name, tensor in batch.items()})
+            labels = batch["labels"][half]
+            cross_entropies.append(torch.nn.functional.cross_entropy(output.logits.flatten(0, 1), labels.flatten()))
+            router_losses.append(output.loss - cross_entropies[-1])
+    assert metrics["eval_loss"] == pytest.approx(torch.stack(cross_entropies).mean().item(), rel=1e-5)
+    assert metrics["eval_router_loss"] == pytest.approx(torch.stack(router_losses).mean().item(), rel=1e-5)
+    assert metrics["eval_router_loss"] > 0.1  # large coefficients: the two losses are far apart
+
+
 def test_num_items_in_batch_makes_accumulated_micro_batches_average_like_one_batch():
     model = tiny_model(router_aux_loss_coef=1.0, router_z_loss_coef=1.0)
     batch = random_batch(batch=4)
