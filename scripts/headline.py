@@ -215,15 +215,59 @@ def _reach_step(curve: list[tuple[float, float]], target: float) -> float | None
     return None
 
 
+def router_losses_by_step(run: Path) -> dict[int, float]:
+    """`{step: weighted router losses}` of a Switch run's training logs (TensorBoard; every session of a resumed run),
+    summed over its sparse layers with the run's coefficients; `{}` for a dense run."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    # a run in progress has its config in its checkpoint
+    configs = [run / "config.json", *sorted(run.glob("checkpoint-*/config.json"))]
+    config = next((json.loads(path.read_text()) for path in configs if path.exists()), {})
+    if "router_aux_loss_coef" not in config:
+        return {}
+    coefficients = {"aux_loss": config["router_aux_loss_coef"], "z_loss": config["router_z_loss_coef"]}
+    by_step: dict[int, dict[str, float]] = {}
+    for events in sorted(run.glob("runs/*/events.out.tfevents.*")):  # later sessions overwrite resumed steps
+        accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            loss = tag.rsplit("/", 1)[-1]
+            if tag.startswith("train/routing/") and loss in coefficients:
+                for event in accumulator.Scalars(tag):
+                    by_step.setdefault(event.step, {})[tag] = coefficients[loss] * event.value
+    return {step: sum(values.values()) for step, values in by_step.items()}
+
+
+def _cross_entropies(run: Path, evals: list[dict]) -> tuple[list[float], list[float]]:
+    """Validation cross-entropy and weighted router losses at each evaluation of `run`.
+
+    Runs before `SwitchTrainer` reported the cross-entropy as `eval_loss` logged the model's loss, which adds the
+    router losses (their logs have no `eval_router_loss`); for them the router losses of the training log at the
+    evaluation's step are subtracted (checked against the final models: docs/experiments.md §6).
+    """
+    old = [entry["step"] for entry in evals if "eval_router_loss" not in entry]
+    logged = router_losses_by_step(run) if old else {}
+    if logged and not set(old) <= set(logged):
+        raise ValueError(f"{run}: no router losses logged at evaluation steps {sorted(set(old) - set(logged))}")
+    router = [entry.get("eval_router_loss", logged.get(entry["step"], 0.0)) for entry in evals]
+    cross_entropy = [
+        entry["eval_loss"] - (0.0 if "eval_router_loss" in entry else loss)
+        for entry, loss in zip(evals, router, strict=True)
+    ]
+    return cross_entropy, router
+
+
 def summarize(run: Path) -> dict:
     history = _history(run)
     evals = [entry for entry in history if "eval_loss" in entry]
     routing = run / "routing_stats.json"
     last = json.loads(routing.read_text())["history"][-1]["layers"] if routing.exists() else {}
     scores = run / "test_scores.json"
+    cross_entropy, router_loss = _cross_entropies(run, evals)
     return {
         "steps": [entry["step"] for entry in evals],
-        "eval_loss": [entry["eval_loss"] for entry in evals],
+        "eval_loss": cross_entropy,  # the validation cross-entropy, what a dense model's eval_loss is
+        "eval_router_loss": router_loss,
         "train_seconds": [entry.get("train_seconds") for entry in evals],
         "finished": (run / "eval_results.json").exists(),
         "dropped_fraction": {layer: round(stats["dropped_fraction"], 4) for layer, stats in last.items()},
@@ -267,7 +311,7 @@ def report(root: Path, out: Path, name: str) -> None:
         }
         finished = {f"{run}-seed{seed}": summary for run, seeds in by_run.items() for seed, summary in seeds.items()}
         models = {run: seeds for run, seeds in by_run.items() if run not in (*DISTILL_RUNS, *ABLATIONS)}
-        _plot(models, f"{task}: validation loss (mini dims)", out / f"{name}_{task}.png")
+        _plot(models, f"{task}: validation cross-entropy (mini dims)", out / f"{name}_{task}.png")
         ablations = {run: seeds for run, seeds in by_run.items() if run in (*ABLATIONS, "t5", TEACHER)}
         if len(ablations) > 2:
             ablations = {run: {"0": seeds["0"]} for run, seeds in ablations.items() if "0" in seeds}
@@ -300,7 +344,7 @@ def _plot(runs: dict[str, dict[str, dict]], title: str, path: Path) -> None:
                 axis.fill_between(x, losses.min(axis=0), losses.max(axis=0), color=line.get_color(), alpha=0.2)
     by_step.set_xlabel("step")
     by_time.set_xlabel("training seconds (one thread, two runs at a time)")
-    by_step.set_ylabel("validation loss (mean over seeds; band: min-max)")
+    by_step.set_ylabel("validation cross-entropy (mean over seeds; band: min-max)")
     by_step.legend(fontsize=8)
     figure.suptitle(title)
     figure.tight_layout()
