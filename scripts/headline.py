@@ -56,6 +56,11 @@ SWITCH_8_VARIANTS = {
 }
 ABLATIONS = {
     **{f"switch-8-{f}x": ["--config_overrides", "num_experts=8"] for f in (0.6, 0.8)},
+    **{
+        f"switch-8-{f}x-lr{rate}": ["--config_overrides", "num_experts=8", "--learning_rate", rate]
+        for f in (0.6, 0.8)
+        for rate in LEARNING_RATES
+    },
     **{f"t5-lr{rate}": ["--architecture", "t5", "--learning_rate", rate] for rate in LEARNING_RATES},
     **{
         f"switch-{e}-lr{rate}": ["--config_overrides", f"num_experts={e}", "--learning_rate", rate]
@@ -69,7 +74,9 @@ ABLATIONS = {
         for rate in LEARNING_RATES
     },
 }
-SCHEDULE_FRACTIONS = {"switch-8-0.6x": 0.6, "switch-8-0.8x": 0.8}
+SCHEDULE_FRACTIONS = {
+    f"switch-8-{f}x{suffix}": f for f in (0.6, 0.8) for suffix in ("", *(f"-lr{rate}" for rate in LEARNING_RATES))
+}
 
 
 def learning_rate_suffix(run: str) -> str:
