@@ -130,6 +130,10 @@ def test_resume_from_checkpoint_reproduces_the_uninterrupted_losses(tmp_path, te
     assert list(clock) == [1, 2, 3, 4, 5, 6]
     seconds = list(clock.values())
     assert all(earlier < later for earlier, later in zip(seconds, seconds[1:], strict=False))
+    # The routing history continues from the checkpoint's too.
+    routing = [json.loads((tmp_path / run / "routing_stats.json").read_text()) for run in ("straight", "resumed")]
+    assert [entry["step"] for entry in routing[1]["history"]] == [1, 2, 3, 4, 5, 6]
+    assert routing[1] == routing[0]
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..modeling_switch import SwitchStack
 from ..routing import end_balancing_step
@@ -105,7 +106,8 @@ class RoutingDashboardCallback(TrainerCallback):
     z losses, the dropped-token fraction, and the expert load balance (max/mean, max violation = max/mean - 1, and
     coefficient of variation of token counts) since the previous log, summed over processes; with expert biases,
     their spread (max - min). At the end it writes `routing_stats.json` (the
-    per-log history with token counts per expert), `loss_curves.png` and `expert_load.png` to the output dir.
+    per-log history with token counts per expert), `loss_curves.png` and `expert_load.png` to the output dir. Each
+    checkpoint gets the history so far, from which a resumed run continues it.
 
     It edits the logs in `on_log`, so it must run before the reporting callbacks: add it with
     [`add_routing_dashboard`].
@@ -117,6 +119,8 @@ class RoutingDashboardCallback(TrainerCallback):
     _expert_biases: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if state.global_step > 0:  # resumed from a checkpoint
+            self.history = _checkpoint_history(args, state.global_step)
         for name, module in model.named_modules():
             if isinstance(module, SwitchStack):
                 stack = name.rsplit(".", 1)[-1]
@@ -155,6 +159,11 @@ class RoutingDashboardCallback(TrainerCallback):
         self.history.append(entry)
         self._totals.clear()
 
+    def on_save(self, args, state, control, **kwargs):
+        checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if state.is_world_process_zero and checkpoint.is_dir():
+            (checkpoint / STATS_FILE).write_text(json.dumps({"history": self.history}))
+
     def on_train_end(self, args, state, control, **kwargs):
         for hook in self._hooks:
             hook.remove()
@@ -167,6 +176,19 @@ class RoutingDashboardCallback(TrainerCallback):
         plot_loss_curves(state.log_history, output_dir / "loss_curves.png")
         if self.history:
             plot_expert_load(self.history, output_dir / "expert_load.png")
+
+
+def _checkpoint_history(args, step: int) -> list[dict]:
+    """The routing history up to `step` saved with the checkpoint a run resumes from (`--resume_from_checkpoint`,
+    else the output dir's checkpoint of that step); empty for a checkpoint saved without one."""
+    folders = [Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{step}"]
+    if isinstance(args.resume_from_checkpoint, str):
+        folders.insert(0, Path(args.resume_from_checkpoint))
+    for folder in folders:
+        if (folder / STATS_FILE).is_file():
+            history = json.loads((folder / STATS_FILE).read_text())["history"]
+            return [entry for entry in history if entry["step"] <= step]
+    return []
 
 
 def console_logs(logs: dict) -> dict:
