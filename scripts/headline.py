@@ -3,6 +3,7 @@
     python scripts/headline.py train ROOT [--tasks translate span] [--runs t5 switch-8 ...]
         [--seeds 0 1 2] [--steps 3000] [--parallel 2]
     python scripts/headline.py report ROOT OUT [--name headline]   # tables (stdout, OUT/NAME.json), one PNG per task
+    python scripts/headline.py check-router-loss RUN...   # the subtracted router losses against an exact evaluation
 
 Tasks, from ../shared/data: "translate", one model translating Multi30k English into German, French and Czech (a
 target-language prefix on the source); "span", T5 span-corruption pretraining on NTREX-128 (about 115 languages).
@@ -264,6 +265,35 @@ def _cross_entropies(run: Path, evals: list[dict]) -> tuple[list[float], list[fl
     return cross_entropy, router
 
 
+def check_router_loss(run: Path, pairs: int = 256) -> None:
+    """Print the router losses `_cross_entropies` subtracts at a finished translate run's last evaluation beside the
+    exact ones: model loss minus token cross-entropy of the same forward on the first `pairs` validation pairs."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from hf_switch import SwitchForConditionalGeneration
+
+    data = run.parent / "data"
+    tokenizer = AutoTokenizer.from_pretrained(data / "tokenizer")
+    rows = [json.loads(line) for line in (data / "validation.jsonl").read_text().splitlines()[:pairs]]
+    model = SwitchForConditionalGeneration.from_pretrained(run).eval()
+    differences = []
+    with torch.no_grad():
+        for start in range(0, len(rows), 64):
+            batch = rows[start : start + 64]
+            inputs = tokenizer(
+                [row["source"] for row in batch], text_target=[row["target"] for row in batch], return_tensors="pt",
+                padding=True,
+            )  # fmt: skip
+            inputs["labels"][inputs["labels"] == tokenizer.pad_token_id] = -100
+            output = model(**inputs)
+            logits = output.logits.flatten(0, 1)
+            cross_entropy = torch.nn.functional.cross_entropy(logits, inputs["labels"].flatten(), ignore_index=-100)
+            differences.append((output.loss - cross_entropy).item())
+    logged = router_losses_by_step(run)
+    print(f"{run.name}: subtracted {logged[max(logged)]:.4f}, exact {sum(differences) / len(differences):.4f}")
+
+
 def summarize(run: Path) -> dict:
     history = _history(run)
     evals = [entry for entry in history if "eval_loss" in entry]
@@ -471,12 +501,18 @@ def main() -> None:
     summary.add_argument("root", type=Path)
     summary.add_argument("out", type=Path)
     summary.add_argument("--name", default="headline", help="file names: OUT/NAME_TASK.png, OUT/NAME.json")
+    check = commands.add_parser("check-router-loss", help="subtracted against exact router losses (translate runs)")
+    check.add_argument("runs", nargs="+", type=Path)
     score = commands.add_parser("score", help="score one finished translate run (train does this)")
     score.add_argument("run", type=Path)
     score.add_argument("data", type=Path)
     args = parser.parse_args()
     if args.command == "report":
         return report(args.root, args.out, args.name)
+    if args.command == "check-router-loss":
+        for run in args.runs:
+            check_router_loss(run)
+        return None
     if args.command == "score":
         return score_translation(args.run, args.data)
     for task in args.tasks:
