@@ -259,7 +259,7 @@ def training_step(directory: Path, expert_parallel_size: int, checkpoint: str | 
     errors = {name: (updated[name] - value).abs().max().item() for name, value in expected.items()}
     error = max(errors.values())
     assert error < TOLERANCE, sorted(errors.items(), key=lambda item: -item[1])[:6]
-    result = {"max_parameter_error": error}
+    result = {"max_parameter_error": error, "optimizer_partitions": _optimizer_partitions(model.optimizer)}
 
     if checkpoint is not None:  # written by the engine scenario under another expert-parallel size
         model.load_checkpoint(checkpoint, load_optimizer_states=False, load_lr_scheduler_states=False)
@@ -267,6 +267,23 @@ def training_step(directory: Path, expert_parallel_size: int, checkpoint: str | 
         assert all(torch.equal(loaded[name], saved[name]) for name in saved)
         result["loaded_checkpoint_of_other_size"] = True
     return result
+
+
+def _optimizer_partitions(optimizer) -> list[dict]:
+    """Per parameter group of a ZeRO-1/2 optimizer: whether it holds experts, the ranks it is partitioned over, and
+    this rank's float32 partition against the group's flattened size (DeepSpeed issue 7156: expert optimizer states
+    reported unpartitioned under expert parallelism)."""
+    groups = []
+    for index, flat in enumerate(optimizer.bit16_groups_flat):
+        groups.append(
+            {
+                "experts": bool(optimizer.optimizer.param_groups[index].get("moe", False)),
+                "ranks": dist.get_world_size(group=optimizer.real_dp_process_group[index]),
+                "partition": optimizer.single_partition_of_fp32_groups[index].numel(),
+                "flat": flat.numel(),
+            }
+        )
+    return groups
 
 
 def zero3(directory: Path, expert_parallel_size: int) -> dict:
