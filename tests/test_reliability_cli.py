@@ -108,6 +108,25 @@ def test_a_mistyped_relative_folder_is_not_taken_for_a_hub_id(folders, tmp_path,
     assert "no folder at 'outputs/hf-swich' ('outputs' is a local folder" in capsys.readouterr().err
 
 
+def test_a_source_found_neither_locally_nor_on_the_hub_is_named_in_one_line(tmp_path, monkeypatch, capsys):
+    import transformers.utils.hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def unreachable(*args, **kwargs):  # what huggingface_hub raises offline, without waiting on the network
+        raise LocalEntryNotFoundError("no connection")
+
+    monkeypatch.setattr(transformers.utils.hub, "hf_hub_download", unreachable)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as raised:
+        main(["convert", "nonexistent/model", "out", "--to", "transformers"])
+    assert raised.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("hf-switch convert: error: We couldn't connect"), lines
+    assert "(no local folder 'nonexistent/model', so it was looked up on the Hub as an id)" in lines[0]
+    with pytest.raises(OSError):
+        main(["convert", "nonexistent/model", "out", "--to", "transformers", "--debug"])
+
+
 def test_publish_problems_exit_with_the_command_and_the_reason(folders, tmp_path):
     with pytest.raises(SystemExit, match="^hf-switch publish: A dry run writes the folder"):
         main(["publish", folders["model"], "--repo-id", "org/name", "--dry-run"])

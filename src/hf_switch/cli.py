@@ -4,10 +4,17 @@ import argparse
 import importlib
 import importlib.metadata
 import os
+import re
 import sys
 from pathlib import Path
 
-from huggingface_hub.errors import StrictDataclassClassValidationError
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    HfHubHTTPError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+    StrictDataclassClassValidationError,
+)
 
 # Commands with a parser of their own (transformers' HfArgumentParser dataclasses for training): their arguments are
 # handed over untouched.
@@ -32,6 +39,7 @@ DELEGATED_COMMANDS = {
 }
 # Mistakes in what the user asked for, as opposed to failures of the library: one line, exit status 2.
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, StrictDataclassClassValidationError)
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 PACKAGES = ("torch", "transformers", "accelerate", "peft", "datasets", "evaluate", "safetensors", "huggingface_hub")
 
 
@@ -211,10 +219,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _user_error_message(error: Exception) -> str:
+def _user_error_message(error: Exception, argv: list[str]) -> str:
     # huggingface_hub's strict dataclasses wrap a config field's ValueError; the field's own message is the news.
     cause = error.__cause__ if isinstance(error, StrictDataclassClassValidationError) else None
-    return str(cause or error).strip()
+    message = str(cause or error).strip()
+    if _is_hub_lookup_failure(error):
+        looked_up = [argument for argument in argv if HUB_ID.fullmatch(argument) and not Path(argument).exists()]
+        message = " ".join(message.split())  # transformers' message spans lines
+        message += f" (no local folder {' or '.join(map(repr, looked_up))}, so it was looked up on the Hub as an id)"
+    return message
+
+
+def _is_hub_lookup_failure(error: BaseException) -> bool:
+    """Whether `error` is transformers' `OSError` for a model it could find neither locally nor on the Hub (raised
+    while handling huggingface_hub's own error)."""
+    while error is not None:
+        if isinstance(error, (HfHubHTTPError, EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)):
+            return True
+        error = error.__context__
+    return False
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -231,10 +254,10 @@ def main(argv: list[str] | None = None) -> None:
             return
         arguments = build_parser().parse_args(argv)
         arguments.run(arguments)
-    except USER_ERRORS as error:
-        if debug:
+    except (*USER_ERRORS, OSError) as error:
+        if debug or not (isinstance(error, USER_ERRORS) or _is_hub_lookup_failure(error)):
             raise
-        print(f"hf-switch {command}: error: {_user_error_message(error)}", file=sys.stderr)
+        print(f"hf-switch {command}: error: {_user_error_message(error, argv)}", file=sys.stderr)
         print("(run again with --debug for the traceback)", file=sys.stderr)
         sys.exit(2)
 
