@@ -364,7 +364,7 @@ def report(root: Path, out: Path, name: str) -> None:
 
 
 def _plot(runs: dict[str, dict[str, dict]], title: str, path: Path) -> None:
-    """Validation loss of each run (mean over seeds, min-max band) against steps and against training seconds."""
+    """Validation cross-entropy of each run (mean over seeds, min-max band) against steps and training seconds."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -381,7 +381,7 @@ def _plot(runs: dict[str, dict[str, dict]], title: str, path: Path) -> None:
                 axis.fill_between(x, losses.min(axis=0), losses.max(axis=0), color=line.get_color(), alpha=0.2)
     by_step.set_xlabel("step")
     by_time.set_xlabel("training seconds (one thread, two runs at a time)")
-    by_step.set_ylabel("validation cross-entropy (mean over seeds; band: min-max)")
+    by_step.set_ylabel("cross-entropy (seed mean, min-max band)")
     by_step.legend(fontsize=8)
     figure.suptitle(title)
     figure.tight_layout()
