@@ -191,6 +191,21 @@ def train_steps(engine, steps: int) -> list[float]:
     return losses
 
 
+def steps_matching_one_process(engine, batches: list[dict], expected: list[float]) -> list[float]:
+    """Steps of `engine`, each rank on its rows of each batch; their losses, averaged over the ranks, must equal
+    `expected`, the losses of one process on the whole batches (`one_process_losses`)."""
+    losses = []
+    for batch in batches:
+        loss = engine(**this_ranks_rows(batch)).loss
+        engine.backward(loss)
+        engine.step()
+        end_balancing_step(engine.module)
+        dist.all_reduce(mean := loss.detach() / dist.get_world_size())
+        losses.append(mean.item())
+    assert max(abs(a - b) / b for a, b in zip(losses, expected, strict=True)) < TOLERANCE, (losses, expected)
+    return losses
+
+
 def gathered_logits(model, batch) -> torch.Tensor:
     logits = model(**this_ranks_rows(batch)).logits.contiguous()
     pieces = [torch.empty_like(logits) for _ in range(dist.get_world_size())]
@@ -303,15 +318,7 @@ def zero3(directory: Path, expert_parallel_size: int) -> dict:
     for module in engine.module.modules():
         if isinstance(module, SwitchExperts):
             module.register_forward_hook(lambda m, inputs, out: tokens_per_expert.append(inputs[1].tokens_per_expert))
-    losses = []
-    for batch in batches[:3]:
-        loss = engine(**this_ranks_rows(batch)).loss
-        engine.backward(loss)
-        engine.step()
-        end_balancing_step(engine.module)
-        dist.all_reduce(mean := loss.detach() / dist.get_world_size())
-        losses.append(mean.item())
-    assert max(abs(a - b) / b for a, b in zip(losses, expected, strict=True)) < TOLERANCE, (losses, expected)
+    losses = steps_matching_one_process(engine, batches[:3], expected)
     empty = torch.tensor([int(any((counts == 0).any() for counts in tokens_per_expert))])
     dist.all_reduce(empty)
     assert empty.item() > 0, "some rank must leave some expert without tokens"
@@ -379,15 +386,7 @@ def lora(directory: Path, expert_parallel_size: int) -> dict:
     expected = one_process_losses(single.train(), batches[:3], 1e-2)
 
     engine = lora_engine(base, directory / "initial_adapter", expert_parallel_size)
-    losses = []
-    for batch in batches[:3]:
-        loss = engine(**this_ranks_rows(batch)).loss
-        engine.backward(loss)
-        engine.step()
-        end_balancing_step(engine.module)
-        dist.all_reduce(mean := loss.detach() / world)
-        losses.append(mean.item())
-    assert max(abs(a - b) / b for a, b in zip(losses, expected, strict=True)) < TOLERANCE, (losses, expected)
+    losses = steps_matching_one_process(engine, batches[:3], expected)
 
     # As the Trainer saves and resumes a peft model. DeepSpeed's ZeRO-2 checkpoint of frozen parameters (the
     # default, exclude_frozen_parameters=False) holds rank 0's frozen experts and loads them onto every rank.
