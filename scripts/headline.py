@@ -17,6 +17,7 @@ finished ones, so the experiment can span sessions. `report` reads finished and 
 
 import argparse
 import gzip
+import itertools
 import json
 import os
 import subprocess
@@ -371,14 +372,16 @@ def _plot(runs: dict[str, dict[str, dict]], title: str, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, (by_step, by_time) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for run, seeds in runs.items():
+    colours = itertools.cycle(plt.get_cmap("tab20" if len(runs) > 10 else "tab10").colors)
+    for (run, seeds), colour in zip(runs.items(), colours, strict=False):  # colours cycle: never the shorter
         steps, losses = _seed_curves(seeds, "eval_loss")
         seconds = _seed_curves(seeds, "train_seconds")[1].mean(axis=0)
         label = f"{run} ({len(seeds)} seed{'s' if len(seeds) > 1 else ''})"
+        style = dict(color=colour, linestyle="--" if run.startswith("t5") else "-", marker=".", label=label)
         for axis, x in ((by_step, steps), (by_time, seconds)):
-            line = axis.plot(x, losses.mean(axis=0), marker=".", label=label)[0]
+            axis.plot(x, losses.mean(axis=0), **style)
             if len(seeds) > 1:
-                axis.fill_between(x, losses.min(axis=0), losses.max(axis=0), color=line.get_color(), alpha=0.2)
+                axis.fill_between(x, losses.min(axis=0), losses.max(axis=0), color=colour, alpha=0.2)
     by_step.set_xlabel("step")
     by_time.set_xlabel("training seconds (one thread, two runs at a time)")
     by_step.set_ylabel("cross-entropy (seed mean, min-max band)")
