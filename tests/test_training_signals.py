@@ -31,6 +31,7 @@ def test_loss_is_cross_entropy_plus_weighted_router_losses():
     router = 0.5 * (output.encoder_aux_loss + output.decoder_aux_loss)
     router = router + 0.25 * (output.encoder_z_loss + output.decoder_z_loss)
     assert output.loss.item() == pytest.approx((cross_entropy + router).item(), rel=1e-6)
+    assert output.router_loss.item() == pytest.approx(router.item(), rel=1e-6)
 
 
 @pytest.mark.parametrize("predict_with_generate", [False, True])

@@ -231,6 +231,8 @@ class SwitchSeq2SeqOutput(ModelOutput):
         encoder_router_logits, decoder_router_logits: per sparse layer `[B, T, E]`, with `output_router_logits`.
         encoder_expert_counts, decoder_expert_counts: `[num_sparse_layers, E]` token slots each expert filled.
         encoder_dropped_fraction, decoder_dropped_fraction: `[num_sparse_layers]` routed slots dropped by capacity.
+        router_loss: scalar, the weighted router losses that `loss` includes (`loss - router_loss` is the
+            cross-entropy, what a dense model's loss is), when `labels` are given.
         Other fields as in T5's `Seq2SeqLMOutput`.
     """
 
@@ -254,6 +256,7 @@ class SwitchSeq2SeqOutput(ModelOutput):
     decoder_expert_counts: torch.Tensor | None = None
     encoder_dropped_fraction: torch.Tensor | None = None
     decoder_dropped_fraction: torch.Tensor | None = None
+    router_loss: torch.Tensor | None = None
 
 
 class SwitchPreTrainedModel(PreTrainedModel):
@@ -903,25 +906,29 @@ class SwitchForConditionalGeneration(SwitchEncoderDecoderModel, GenerationMixin)
             sequence_output = sequence_output * (self.config.d_model**-0.5)
         logits = self.lm_head(sequence_output)
 
-        loss = None
+        loss = router_loss = None
         if labels is not None:
-            loss = self._loss(logits, labels, encoder_outputs, decoder_outputs, num_items_in_batch)
-        return self._seq2seq_output(encoder_outputs, decoder_outputs, output_router_logits, loss=loss, logits=logits)
+            loss, router_loss = self._loss(logits, labels, encoder_outputs, decoder_outputs, num_items_in_batch)
+        return self._seq2seq_output(
+            encoder_outputs, decoder_outputs, output_router_logits, loss=loss, logits=logits, router_loss=router_loss
+        )
 
     def _loss(self, logits, labels, encoder_outputs, decoder_outputs, num_items_in_batch):
+        """`(loss, router_loss)`: the loss, and the weighted router losses it includes."""
         labels = labels.to(logits.device)
-        router_loss = 0.0
+        router_loss = logits.new_zeros((), dtype=torch.float32)
         for stack_output in (encoder_outputs, decoder_outputs):
             for layer in stack_output.routing or ():
                 router_loss = router_loss + self.config.router_aux_loss_coef * layer.aux_loss
                 router_loss = router_loss + self.config.router_z_loss_coef * layer.z_loss
         flat_logits = logits.reshape(-1, logits.shape[-1]).float()
         if num_items_in_batch is None:
-            return nn.functional.cross_entropy(flat_logits, labels.reshape(-1), ignore_index=-100) + router_loss
+            cross_entropy = nn.functional.cross_entropy(flat_logits, labels.reshape(-1), ignore_index=-100)
+            return cross_entropy + router_loss, router_loss
         token_loss = nn.functional.cross_entropy(flat_logits, labels.reshape(-1), ignore_index=-100, reduction="sum")
         num_items_in_batch = torch.as_tensor(num_items_in_batch, device=logits.device)
         share = (labels != -100).sum() / num_items_in_batch
-        return token_loss / num_items_in_batch + router_loss * share
+        return token_loss / num_items_in_batch + router_loss * share, router_loss * share
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         """Decode with a `SwitchCache` sized for the decoder's layers.

@@ -4,7 +4,6 @@ cross-entropy that a dense model is compared by, and trains expert-parallel mode
 from functools import partial
 
 import torch
-from torch import nn
 from transformers import Seq2SeqTrainer
 
 from ..modeling_switch import SwitchForConditionalGeneration
@@ -47,7 +46,7 @@ class SwitchTrainer(Seq2SeqTrainer):
     ):
         router_losses = []
         hooks = [
-            module.register_forward_hook(partial(_cross_entropy_as_loss, router_losses), with_kwargs=True)
+            module.register_forward_hook(partial(_cross_entropy_as_loss, router_losses))
             for module in self.model.modules()
             if isinstance(module, SwitchForConditionalGeneration)
         ]
@@ -80,14 +79,11 @@ class SwitchTrainer(Seq2SeqTrainer):
         return getattr(config, "expert_parallel_size", 1) > 1
 
 
-def _cross_entropy_as_loss(router_losses: list, module, args, kwargs, output):
-    """Forward hook: replace a labelled forward's loss by its token cross-entropy; keep the difference (the weighted
-    router losses) in `router_losses`."""
-    labels = kwargs.get("labels")
-    if labels is None or output.loss is None:
+def _cross_entropy_as_loss(router_losses: list, module, args, output):
+    """Forward hook: replace a labelled forward's loss by its cross-entropy (the model's loss less the weighted
+    router losses it includes); keep those in `router_losses`."""
+    if output.loss is None:
         return None
-    logits = output.logits.reshape(-1, output.logits.shape[-1]).float()
-    cross_entropy = nn.functional.cross_entropy(logits, labels.to(logits.device).reshape(-1), ignore_index=-100)
-    router_losses.append((output.loss - cross_entropy).detach())
-    output.loss = cross_entropy
+    router_losses.append(output.router_loss.detach())
+    output.loss = output.loss - output.router_loss
     return output
