@@ -158,6 +158,8 @@ def prepare(root: Path, task: str) -> Path:
 
 
 def train_run(root: Path, task: str, run: str, seed: int, steps: int) -> str:
+    from transformers.trainer_utils import get_last_checkpoint
+
     data = root / task / "data"
     output = root / task / f"{run}-seed{seed}"
     if (output / "eval_results.json").exists():
@@ -176,10 +178,10 @@ def train_run(root: Path, task: str, run: str, seed: int, steps: int) -> str:
         "--tokenizer_name_or_path", str(data / "tokenizer"), "--seed", str(seed), "--max_steps", str(steps),
         "--output_dir", str(output),
     ]  # fmt: skip
-    checkpoints = sorted(output.glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
-    if checkpoints:
-        arguments += ["--resume_from_checkpoint", str(checkpoints[-1])]
     output.mkdir(parents=True, exist_ok=True)
+    checkpoint = get_last_checkpoint(output)
+    if checkpoint is not None:
+        arguments += ["--resume_from_checkpoint", checkpoint]
     commands = [["hf-switch", command, *arguments]]
     if task == "translate":
         commands.append([sys.executable, __file__, "score", str(output), str(data)])
@@ -268,7 +270,7 @@ def _cross_entropies(run: Path, evals: list[dict]) -> tuple[list[float], list[fl
 
 def check_router_loss(run: Path, pairs: int = 256) -> None:
     """Print the router losses `_cross_entropies` subtracts at a finished translate run's last evaluation beside the
-    exact ones: model loss minus token cross-entropy of the same forward on the first `pairs` validation pairs."""
+    exact ones: the weighted router losses the model's loss includes, on the first `pairs` validation pairs."""
     import torch
     from transformers import AutoTokenizer
 
@@ -278,7 +280,7 @@ def check_router_loss(run: Path, pairs: int = 256) -> None:
     tokenizer = AutoTokenizer.from_pretrained(data / "tokenizer")
     rows = [json.loads(line) for line in (data / "validation.jsonl").read_text().splitlines()[:pairs]]
     model = SwitchForConditionalGeneration.from_pretrained(run).eval()
-    differences = []
+    router_losses = []
     with torch.no_grad():
         for start in range(0, len(rows), 64):
             batch = rows[start : start + 64]
@@ -287,12 +289,9 @@ def check_router_loss(run: Path, pairs: int = 256) -> None:
                 padding=True,
             )  # fmt: skip
             inputs["labels"][inputs["labels"] == tokenizer.pad_token_id] = -100
-            output = model(**inputs)
-            logits = output.logits.flatten(0, 1)
-            cross_entropy = torch.nn.functional.cross_entropy(logits, inputs["labels"].flatten(), ignore_index=-100)
-            differences.append((output.loss - cross_entropy).item())
+            router_losses.append(model(**inputs).router_loss.item())
     logged = router_losses_by_step(run)
-    print(f"{run.name}: subtracted {logged[max(logged)]:.4f}, exact {sum(differences) / len(differences):.4f}")
+    print(f"{run.name}: subtracted {logged[max(logged)]:.4f}, exact {sum(router_losses) / len(router_losses):.4f}")
 
 
 def summarize(run: Path) -> dict:
