@@ -1,4 +1,6 @@
+import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -109,3 +111,12 @@ def one_process_losses(model, batches, learning_rate: float) -> list[float]:
         end_balancing_step(model)
         losses.append(loss.item())
     return losses
+
+
+SWAP_WORDS = "red green blue small large cat dog house".split()
+
+
+def write_swap_pairs(path: Path, words=SWAP_WORDS) -> Path:
+    """A JSON-lines file of every pair "a b" -> "b a" of `words`: a seq2seq task tiny models learn in a few steps."""
+    path.write_text("\n".join(json.dumps({"source": f"{a} {b}", "target": f"{b} {a}"}) for a in words for b in words))
+    return path

@@ -1,10 +1,8 @@
 """`hf-switch distill`, `hf-switch upcycle` and `hf-switch train --upcycle_from`, end to end on tiny models."""
 
-import json
-
 import pytest
 import torch
-from conftest import random_batch, tiny_t5
+from conftest import random_batch, tiny_t5, write_swap_pairs
 from transformers import AutoModelForSeq2SeqLM, T5ForConditionalGeneration
 
 from hf_switch import SwitchForConditionalGeneration
@@ -15,10 +13,7 @@ from hf_switch.training import main as train
 
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
-    words = "red green blue small large cat dog house".split()
-    path.write_text("\n".join(json.dumps({"source": f"{a} {b}", "target": f"{b} {a}"}) for a in words for b in words))
-    return path
+    return write_swap_pairs(tmp_path_factory.mktemp("data") / "pairs.jsonl")
 
 
 def _common(pairs):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import random_batch, tiny_config
+from conftest import random_batch, tiny_config, write_swap_pairs
 from safetensors.torch import load_file
 
 from hf_switch import SwitchForConditionalGeneration
@@ -282,9 +282,7 @@ def test_lora_finetuning_under_expert_parallelism_resumes_exactly_and_saves_ever
     from hf_switch.lora import load_adapter
     from hf_switch.training import main as train
 
-    pairs = tmp_path / "pairs.jsonl"
-    words = "red green blue small large cat dog house".split()
-    pairs.write_text("\n".join(json.dumps({"source": f"{a} {b}", "target": f"{b} {a}"}) for a in words for b in words))
+    pairs = write_swap_pairs(tmp_path / "pairs.jsonl")
     common = ["--preset", "tiny", "--report_to", "none", "--eval_strategy", "no", "--objective", "seq2seq"]
     common += ["--train_file", str(pairs), "--per_device_train_batch_size", "4"]
     train([*common, "--max_steps", "1", "--output_dir", str(tmp_path / "base"), "--tokenizer_vocab_size", "120"])

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import random_batch, tiny_model
+from conftest import random_batch, tiny_model, write_swap_pairs
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch.nn.utils import parametrize
 from transformers import AutoModelForSeq2SeqLM
@@ -132,9 +132,7 @@ def test_gradient_check_refuses_expert_adapters_without_gradient():
 def test_finetune_command_saves_adapter_and_merged_model(tmp_path, capsys):
     from hf_switch.training import main as train
 
-    pairs = tmp_path / "pairs.jsonl"
-    words = "red green blue small large cat dog house".split()
-    pairs.write_text("\n".join(json.dumps({"source": f"{a} {b}", "target": f"{b} {a}"}) for a in words for b in words))
+    pairs = write_swap_pairs(tmp_path / "pairs.jsonl")
     common = ["--preset", "tiny", "--report_to", "none", "--max_steps", "2", "--eval_strategy", "no"]
     common += ["--objective", "seq2seq", "--train_file", str(pairs), "--per_device_train_batch_size", "8"]
     train([*common, "--output_dir", str(tmp_path / "base"), "--tokenizer_vocab_size", "120"])

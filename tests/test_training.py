@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import SWAP_WORDS, write_swap_pairs
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, GenerationConfig, PreTrainedTokenizerFast
 
@@ -31,11 +32,8 @@ def text_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pairs_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
-    words = "red green blue small large cat dog house tree river".split()
-    rows = [{"source": f"{a} {b}", "target": f"{b} {a}"} for a in words for b in words]
-    path.write_text("\n".join(json.dumps(row) for row in rows))
-    return path
+    words = [*SWAP_WORDS, "tree", "river"]
+    return write_swap_pairs(tmp_path_factory.mktemp("data") / "pairs.jsonl", words)
 
 
 def _arguments(output_dir, *extra):
