@@ -1,5 +1,9 @@
 import json
 import os
+import signal
+import socket
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -120,3 +124,50 @@ def write_swap_pairs(path: Path, words=SWAP_WORDS) -> Path:
     """A JSON-lines file of every pair "a b" -> "b a" of `words`: a seq2seq task tiny models learn in a few steps."""
     path.write_text("\n".join(json.dumps({"source": f"{a} {b}", "target": f"{b} {a}"}) for a in words for b in words))
     return path
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _wait_for_all(processes: list[subprocess.Popen], timeout: float) -> list[int | None]:
+    """Return codes once every process ended; the first failure or the timeout stops the rest (`None`): a node
+    whose peer failed waits for it, in a collective or in torchrun's exit barrier (5 minutes)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(process.poll() is None for process in processes):
+        if any(process.poll() not in (None, 0) for process in processes):
+            break
+        time.sleep(0.5)
+    return_codes = [process.poll() for process in processes]
+    for process, return_code in zip(processes, return_codes, strict=True):
+        if return_code is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    return return_codes
+
+
+def run_two_nodes(launch: list[str], script: list[str], log_folder: Path, **popen_options) -> None:
+    """Run `accelerate launch` (`launch`: the command up to its own options) as machine ranks 0 and 1 of a
+    two-"node" job on loopback, each starting `script`; fail with both nodes' logs unless both succeed."""
+    nodes_options = ["--num_machines", "2", "--main_process_ip", "127.0.0.1", "--main_process_port", str(_free_port())]
+    logs = [log_folder / f"node{rank}.log" for rank in (0, 1)]
+    nodes = []
+    for rank, log in enumerate(logs):
+        with log.open("w") as output:  # the child keeps its own descriptor
+            command = [*launch, *nodes_options, "--machine_rank", str(rank), *script]
+            # A process group per node, so that a stopped node takes its workers along.
+            nodes.append(
+                subprocess.Popen(
+                    command, stdout=output, stderr=subprocess.STDOUT, start_new_session=True, **popen_options
+                )
+            )
+    # Longer than torchrun's exit barrier (300 s): when the agents race on its store (pytorch#69520) one node waits
+    # it out, then both succeed. A failed node still stops the test at once.
+    return_codes = _wait_for_all(nodes, timeout=420)
+    outputs = (
+        f"--- node {rank}, return code {code}:\n{log.read_text()[-5000:]}"
+        for rank, (code, log) in enumerate(zip(return_codes, logs, strict=True))
+    )
+    assert return_codes == [0, 0], "\n".join(outputs)

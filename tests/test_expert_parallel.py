@@ -4,16 +4,13 @@ across expert-parallel sizes, `accelerate launch` with the DeepSpeed plugin on o
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import random_batch, tiny_config, write_swap_pairs
+from conftest import random_batch, run_two_nodes, tiny_config, write_swap_pairs
 from safetensors.torch import load_file
 
 from hf_switch import SwitchForConditionalGeneration
@@ -109,28 +106,6 @@ def test_convert_consolidates_a_deepspeed_checkpoint(engine_run, tmp_path):
     assert SwitchForConditionalGeneration.from_pretrained(tmp_path / "out").config.expert_parallel_size == 1
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _wait_for_all(processes: list[subprocess.Popen], timeout: float) -> list[int | None]:
-    """Return codes once every process ended; the first failure or the timeout stops the rest (`None`): a node
-    whose peer failed waits for it, in a collective or in torchrun's exit barrier (5 minutes)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(process.poll() is None for process in processes):
-        if any(process.poll() not in (None, 0) for process in processes):
-            break
-        time.sleep(0.5)
-    return_codes = [process.poll() for process in processes]
-    for process, return_code in zip(processes, return_codes, strict=True):
-        if return_code is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-    return return_codes
-
-
 @pytest.mark.slow
 def test_accelerate_deepspeed_plugin_trains_and_two_nodes_resume_it_exactly(tmp_path):
     """`accelerate launch` with the CPU DeepSpeed config runs scripts/train.py with EP=2; a run resumed from its
@@ -145,30 +120,9 @@ def test_accelerate_deepspeed_plugin_trains_and_two_nodes_resume_it_exactly(tmp_
     checkpoint = whole / "checkpoint-3"
     assert len(list((checkpoint / "global_step3").glob("layer_*_expert_*"))) == 8  # 2 sparse layers x 4 experts
     shutil.copytree(checkpoint, resumed / "checkpoint-3")
-    two_nodes = [*launch, "--num_machines", "2", "--num_processes", "2", "--main_process_ip", "127.0.0.1"]
-    two_nodes += ["--main_process_port", str(_free_port()), "--deepspeed_multinode_launcher", "standard"]
     resume = [*train, "--output_dir", str(resumed), "--resume_from_checkpoint", str(resumed / "checkpoint-3")]
-    logs = [tmp_path / f"node{rank}.log" for rank in (0, 1)]
-    with logs[0].open("w") as log_0, logs[1].open("w") as log_1:
-        nodes = [
-            subprocess.Popen(
-                [*two_nodes, "--machine_rank", str(rank), *resume],
-                env=ENVIRONMENT,
-                cwd=ROOT,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # a process group per node, so that a stopped node takes its workers along
-            )
-            for rank, log in enumerate((log_0, log_1))
-        ]
-        # Longer than torchrun's exit barrier (300 s): when the agents race on its store (pytorch#69520) one node
-        # waits it out, then both succeed. A failed node still stops the test at once.
-        return_codes = _wait_for_all(nodes, timeout=420)
-    outputs = (
-        f"--- node {rank}, return code {code}:\n{log.read_text()[-5000:]}"
-        for rank, (code, log) in enumerate(zip(return_codes, logs, strict=True))
-    )
-    assert return_codes == [0, 0], "\n".join(outputs)
+    two_nodes = [*launch, "--num_processes", "2", "--deepspeed_multinode_launcher", "standard"]
+    run_two_nodes(two_nodes, resume, tmp_path, env=ENVIRONMENT, cwd=ROOT)
 
     final_whole, final_resumed = load_file(whole / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert set(final_whole) == set(final_resumed)
