@@ -103,11 +103,13 @@ def test_a_float32_router_stays_float32_under_autocast():
     assert torch.equal(decision.expert_index, expected.expert_index)
 
 
-def test_bfloat16_training_keeps_the_router_in_float32_and_finite():
-    # The router is float32 inside a bfloat16 model (tests/test_training_signals.py checks one forward); here a few
-    # optimiser steps with the router losses on stay finite, and the router's projection, cast back to float32 by its
-    # first forward (as transformers' router does), stays there.
+def test_a_model_cast_to_bfloat16_routes_in_float32_trains_finite_and_keeps_its_parameters_as_cast():
+    # The router computes in float32 inside a bfloat16 model (tests/test_training_signals.py checks one forward); here
+    # a few optimiser steps with the router losses on stay finite and train the router, whose weights stay the
+    # bfloat16 tensors the cast made (converting them in the forward would swap parameters under FSDP2 or an optimizer).
     model = tiny_model(router_z_loss_coef=1e-2).to(torch.bfloat16).train()
+    router = model.encoder.block[1].layer[-1].mlp.router
+    weight, initial = router.classifier.weight, router.classifier.weight.detach().clone()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for step in range(5):
         output = model(**random_batch(seed=step), output_router_logits=True)
@@ -116,9 +118,9 @@ def test_bfloat16_training_keeps_the_router_in_float32_and_finite():
         optimizer.zero_grad()
         assert torch.isfinite(output.loss), step
         assert all(logits.dtype == torch.float32 for logits in output.encoder_router_logits)
-    router = model.encoder.block[1].layer[-1].mlp.router
-    assert router.classifier.weight.dtype == torch.float32 and torch.isfinite(router.classifier.weight).all()
-    assert model.encoder.block[0].layer[-1].mlp.wi.weight.dtype == torch.bfloat16  # the rest stays in bfloat16
+    assert router.classifier.weight is weight and weight.dtype == torch.bfloat16
+    assert torch.isfinite(weight).all() and not torch.equal(weight, initial)
+    assert model.encoder.block[0].layer[-1].mlp.wi.weight.dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("layout", ["grouped", "fused_grouped", "padded"])

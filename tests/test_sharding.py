@@ -4,6 +4,7 @@ and on two (loopback)."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,13 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import one_process_losses, random_batch, run_two_nodes, tiny_model
+from safetensors.torch import load_file
 
 from hf_switch import SwitchForConditionalGeneration
 from hf_switch.routing import SwitchRouter
 
 ROOT = Path(__file__).parent.parent
 WORKER = Path(__file__).parent / "fsdp_worker.py"
+ENTRY = Path(__file__).parent / "fsdp_cpu_entry.py"
 ENVIRONMENT = {**os.environ, "OMP_NUM_THREADS": "1"}
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 # Dropless over 8 experts with a global-batch aux loss and the expert bias: every router statistic crosses ranks.
 CONFIG = dict(
     num_experts=8,
@@ -55,8 +59,7 @@ def check_run(folder: Path) -> None:
 
 @pytest.mark.slow
 def test_fsdp2_trains_like_one_process_resumes_and_saves_one_folder(tmp_path):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER)]
-    subprocess.run([*command, str(tmp_path)], check=True, env=ENVIRONMENT, timeout=300)
+    subprocess.run([*TORCHRUN, str(WORKER), str(tmp_path)], check=True, env=ENVIRONMENT, timeout=300)
     check_run(tmp_path)
 
 
@@ -72,10 +75,70 @@ def test_fsdp2_on_two_nodes_launched_with_the_fsdp2_accelerate_config(tmp_path):
     check_run(tmp_path)
 
 
+TRAIN = [str(ROOT / "scripts/train.py"), "--preset", "tiny", "--max_steps", "4", "--save_steps", "2", "--seed", "5"]
+TRAIN += ["--logging_steps", "1", "--max_eval_samples", "16", "--report_to", "none", "--disable_tqdm", "true"]
+# Global-batch balancing: every router statistic of the two ranks is the one process's.
+TRAIN += ["--config_overrides", "dropout_rate=0,router_jitter_noise=0,load_balancing_scope=global_batch"]
+FSDP2_CONFIG = dict(version=2, transformer_layer_cls_to_wrap=["SwitchBlock"], reshard_after_forward=True)
+TRAINER_FSDP2 = ["--fsdp", "--fsdp_config", json.dumps({**FSDP2_CONFIG, "state_dict_type": "FULL_STATE_DICT"})]
+# The shipped config, as is but for its 8 GPUs.
+ACCELERATE_FSDP2 = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
+ACCELERATE_FSDP2 += [str(ROOT / "configs/accelerate/fsdp2.yaml"), "--num_processes", "2"]
+
+
+def run_trainer_fsdp2(launcher: list[str], output_dir: Path, *options: str) -> dict:
+    """scripts/train.py started by `launcher` on 2 CPU ranks, through the Trainer's FSDP2 path, the one process's
+    4 rows per step split over them; returns the run's trainer state."""
+    command = [*launcher, str(ENTRY), *TRAIN, "--per_device_train_batch_size", "2", "--output_dir", str(output_dir)]
+    command += options
+    subprocess.run(command, check=True, env={**ENVIRONMENT, "ACCELERATE_USE_CPU": "true"}, timeout=300)
+    return json.loads((output_dir / "trainer_state.json").read_text())
+
+
+def _losses_and_evaluation(state: dict) -> tuple[list[float], list[float]]:
+    history = state["log_history"]
+    evaluation = next(entry for entry in history if "eval_loss" in entry)
+    return [entry["loss"] for entry in history if "loss" in entry], [
+        evaluation["eval_loss"],
+        evaluation["eval_router_loss"],
+    ]
+
+
+@pytest.mark.slow
+def test_trainer_fsdp2_trains_like_one_process_resumes_and_saves_one_folder(tmp_path):
+    """The Trainer's FSDP2 path (accelerate's `fsdp2_prepare_model`, FSDP checkpoints, resume, the gathered save) on
+    2 CPU ranks (tests/fsdp_cpu_entry.py lets accelerate build FSDP there), with the Trainer's flags under torchrun:
+    the losses, evaluation cross-entropy and router losses of one process on the same global batch. Resumed from
+    its checkpoint under `accelerate launch` with configs/accelerate/fsdp2.yaml, it ends with the same weights; with
+    that config's bfloat16 mixed precision it trains (the router still in float32) and tracks the float32 run."""
+    one = tmp_path / "one"
+    command = [sys.executable, *TRAIN, "--per_device_train_batch_size", "4", "--output_dir", str(one)]
+    subprocess.run(command, check=True, env=ENVIRONMENT, timeout=300)
+    sharded = run_trainer_fsdp2(TORCHRUN, tmp_path / "fsdp2", *TRAINER_FSDP2)
+    expected = _losses_and_evaluation(json.loads((one / "trainer_state.json").read_text()))
+    for measured, reference in zip(_losses_and_evaluation(sharded), expected, strict=True):
+        assert measured == pytest.approx(reference, rel=1e-5)
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "fsdp2" / "checkpoint-2", resumed / "checkpoint-2")
+    resume = ["--resume_from_checkpoint", str(resumed / "checkpoint-2")]
+    run_trainer_fsdp2([*ACCELERATE_FSDP2, "--mixed_precision", "no"], resumed, *resume)
+    whole, again = load_file(tmp_path / "fsdp2" / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert set(whole) == set(again) and all(torch.equal(whole[key], again[key]) for key in whole)
+
+    saved = SwitchForConditionalGeneration.from_pretrained(tmp_path / "fsdp2").eval()
+    reference = SwitchForConditionalGeneration.from_pretrained(one).eval()
+    batch = random_batch(seed=7)
+    with torch.no_grad():
+        torch.testing.assert_close(saved(**batch).logits, reference(**batch).logits, rtol=0, atol=1e-5)
+
+    bfloat16_losses, _ = _losses_and_evaluation(run_trainer_fsdp2(ACCELERATE_FSDP2, tmp_path / "bf16"))
+    assert bfloat16_losses == pytest.approx(expected[0], rel=1e-2)
+
+
 @pytest.mark.slow
 def test_fsdp_flags_on_cpu_ranks_are_refused_rather_than_trained_as_ddp(tmp_path):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    command += [str(ROOT / "scripts/train.py"), "--preset", "tiny", "--max_steps", "1", "--report_to", "none"]
+    command = [*TORCHRUN, str(ROOT / "scripts/train.py"), "--preset", "tiny", "--max_steps", "1", "--report_to", "none"]
     command += ["--fsdp", "--output_dir", str(tmp_path / "run")]
     result = subprocess.run(command, env=ENVIRONMENT, timeout=300, capture_output=True, text=True)
     assert result.returncode != 0

@@ -311,21 +311,38 @@ def routing_stats(decision: RouterDecision, expert_fraction: torch.Tensor | None
     )
 
 
+class RouterProjection(nn.Linear):
+    """The router's projection onto the experts, computed in the dtype of its input (the router dtype) whatever the
+    dtype of its weights.
+
+    Its weights are float32 unless something else made them lower precision: a model cast by hand, or FSDP2
+    gathering every parameter in bfloat16 under mixed precision. Casting a copy in the forward leaves the parameters
+    as their owner made them (converting the module in place, as transformers' Switch router does, swaps FSDP2's
+    gathered parameter for another tensor, and its backward fails on gradients of mixed dtypes); being a module call,
+    hooks, peft and accelerate's offloading still see it.
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(input.dtype)
+        return nn.functional.linear(input, self.weight.to(input.dtype), bias)
+
+
 class SwitchRouter(nn.Module):
     """Scores tokens against experts and picks each token's top-k experts within capacity.
 
     The projection runs in `config.router_dtype` whatever the model's dtype or an autocast region ("selective
-    precision"). In training it keeps `step_expert_counts`, `[E]` routed choices per expert summed over the
-    micro-batches and processes of the current optimizer step, which the global-batch load-balancing loss and the
-    expert bias read (see `end_balancing_step`). With `config.router_expert_bias` it holds `expert_bias`, `[E]`
-    float32, added to the probabilities for choosing experts only; a model cast to a lower precision casts it too
-    (Trainer's mixed precision keeps it in float32).
+    precision"; `from_pretrained` in a lower precision keeps its weights in float32 too). In training it keeps
+    `step_expert_counts`, `[E]` routed choices per expert summed over the micro-batches and processes of the current
+    optimizer step, which the global-batch load-balancing loss and the expert bias read (see `end_balancing_step`).
+    With `config.router_expert_bias` it holds `expert_bias`, `[E]` float32, added to the probabilities for choosing
+    experts only; a model cast to a lower precision casts it too (the Trainer's and FSDP2's mixed precision keep it
+    in float32).
     """
 
     def __init__(self, config: SwitchConfig):
         super().__init__()
         self.config = config
-        self.classifier = nn.Linear(config.d_model, config.num_experts, bias=config.router_bias)
+        self.classifier = RouterProjection(config.d_model, config.num_experts, bias=config.router_bias)
         self.experts_choose = not config.is_decoder and config.encoder_router_type == "experts_choose"
         # Integer counts: a model cast to bfloat16 would round float counts above 256.
         self.register_buffer("step_expert_counts", torch.zeros(config.num_experts, dtype=torch.long), persistent=False)
@@ -349,10 +366,6 @@ class SwitchRouter(nn.Module):
         if self.training and self.config.router_jitter_noise > 0:
             noise = self.config.router_jitter_noise
             router_input = router_input * torch.empty_like(router_input).uniform_(1.0 - noise, 1.0 + noise)
-        if self.classifier.weight.dtype != router_dtype:
-            # Selective precision, as transformers' router does it: the projection itself runs in the router dtype
-            # whatever the model was cast to. A module call, so that hooks (accelerate's offloading, peft, probes) run.
-            self.classifier.to(router_dtype)
         # Autocast (Trainer's --bf16 / --fp16) would run the projection in its low precision whatever the weights'.
         with torch.autocast(router_input.device.type, enabled=False):
             logits = self.classifier(router_input)

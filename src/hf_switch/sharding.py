@@ -2,7 +2,8 @@
 
 One FSDP unit per `SwitchBlock` (a block's experts are gathered and freed together, never split across units),
 then the whole model for the embeddings, final norms and LM head: the model's `_no_split_modules`, which is also the
-wrap policy accelerate's FSDP plugin takes (`configs/accelerate/fsdp2.yaml`).
+wrap policy accelerate's FSDP plugin takes (`configs/accelerate/fsdp2.yaml`), and `SwitchTrainer` makes accelerate
+leave the embeddings to the root unit too (`embeddings_left_to_the_root_unit`).
 
 Uneven routing cannot hang it: a unit's parameters are gathered when the block runs, and every rank runs every
 block, whichever experts its tokens chose (the experts of a layer are one stacked parameter per weight, not one
@@ -13,10 +14,12 @@ DDP, so `hf-switch train` refuses `--fsdp` there (see `check_fsdp_engine`), and 
 call `torch.distributed.fsdp.fully_shard` themselves (torchrun, torchtitan-style).
 """
 
+import functools
+
 import torch
 from torch.distributed.fsdp import fully_shard
 
-from .modeling_switch import SwitchBlock
+from .modeling_switch import SwitchBlock, SwitchPreTrainedModel
 
 
 def shard_model(model: torch.nn.Module, **fully_shard_options) -> torch.nn.Module:
@@ -28,6 +31,42 @@ def shard_model(model: torch.nn.Module, **fully_shard_options) -> torch.nn.Modul
         if isinstance(module, SwitchBlock):
             fully_shard(module, **fully_shard_options)
     return fully_shard(model, **fully_shard_options)
+
+
+def embeddings_left_to_the_root_unit(prepare):
+    """Wrap `Accelerator.prepare` so that accelerate's FSDP2 preparation leaves a Switch model's embeddings and LM
+    head to the root unit, as `shard_model` does.
+
+    accelerate 1.16 puts the modules that `get_input_embeddings()` / `get_output_embeddings()` return into a unit of
+    their own. An encoder-decoder's stacks hold the shared embedding weight in modules of their own
+    (`encoder.embed_tokens`, `decoder.embed_tokens`, tied to `shared` as in transformers' T5), which stay in the root
+    unit, and torch 2.13 refuses a parameter in two units on the first forward ("Parameter 'shared.weight' is shared
+    with a parameter already managed by another FSDP group"). While `prepare` runs, the Switch models among its
+    arguments (also inside a peft model) name no embeddings.
+    """
+
+    @functools.wraps(prepare)
+    def prepare_with_embeddings_in_the_root_unit(*objects, **options):
+        models = [
+            module
+            for candidate in objects
+            if isinstance(candidate, torch.nn.Module)
+            for module in candidate.modules()
+            if isinstance(module, SwitchPreTrainedModel)
+        ]
+        for model in models:
+            model.get_input_embeddings = model.get_output_embeddings = _no_embeddings
+        try:
+            return prepare(*objects, **options)
+        finally:
+            for model in models:
+                del model.get_input_embeddings, model.get_output_embeddings
+
+    return prepare_with_embeddings_in_the_root_unit
+
+
+def _no_embeddings() -> None:
+    return None
 
 
 def check_fsdp_engine(trainer) -> None:

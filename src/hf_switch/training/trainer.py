@@ -7,6 +7,7 @@ import torch
 from transformers import Seq2SeqTrainer
 
 from ..modeling_switch import SwitchForConditionalGeneration
+from ..sharding import embeddings_left_to_the_root_unit
 from .callbacks import BalancingStepCallback
 
 
@@ -29,6 +30,11 @@ class SwitchTrainer(Seq2SeqTrainer):
         super().__init__(*args, **kwargs)
         self.add_callback(BalancingStepCallback)
 
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        if self.is_fsdp_enabled and self.accelerator.is_fsdp2:
+            self.accelerator.prepare = embeddings_left_to_the_root_unit(self.accelerator.prepare)
+
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
         # With an optimizer section in the DeepSpeed config this is accelerate's placeholder: DeepSpeed builds the
@@ -45,8 +51,9 @@ class SwitchTrainer(Seq2SeqTrainer):
         self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
     ):
         router_losses = []
+        hook = partial(_cross_entropy_as_loss, router_losses, self._loss_scale_across_processes)
         hooks = [
-            module.register_forward_hook(partial(_cross_entropy_as_loss, router_losses))
+            module.register_forward_hook(hook, with_kwargs=True)
             for module in self.model.modules()
             if isinstance(module, SwitchForConditionalGeneration)
         ]
@@ -74,16 +81,25 @@ class SwitchTrainer(Seq2SeqTrainer):
         super()._save(output_dir, state_dict=state_dict)
 
     @property
+    def _loss_scale_across_processes(self) -> int:
+        """What `compute_loss` multiplies the loss of a forward given `num_items_in_batch` by: with tokens averaged
+        across processes, the model weighs each process's loss by its share of all processes' tokens."""
+        if not (self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs):
+            return 1
+        return self.accelerator.num_processes // self.get_tp_size() if self.args.n_gpu <= 1 else self.args.n_gpu
+
+    @property
     def _is_expert_parallel(self) -> bool:
         config = getattr(self.accelerator.unwrap_model(self.model), "config", None)
         return getattr(config, "expert_parallel_size", 1) > 1
 
 
-def _cross_entropy_as_loss(router_losses: list, module, args, output):
+def _cross_entropy_as_loss(router_losses: list, loss_scale: int, module, args, kwargs, output):
     """Forward hook: replace a labelled forward's loss by its cross-entropy (the model's loss less the weighted
-    router losses it includes); keep those in `router_losses`."""
+    router losses it includes); keep those in `router_losses`, scaled as `compute_loss` scales the loss."""
     if output.loss is None:
         return None
-    router_losses.append(output.router_loss.detach())
+    scale = loss_scale if kwargs.get("num_items_in_batch") is not None else 1
+    router_losses.append(output.router_loss.detach() * scale)
     output.loss = output.loss - output.router_loss
     return output
