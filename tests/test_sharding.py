@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import one_process_losses, random_batch, run_two_nodes, tiny_model
+from conftest import one_process_losses, random_batch, run_two_nodes, tiny_model, write_swap_pairs
 from safetensors.torch import load_file
 
 from hf_switch import SwitchForConditionalGeneration
@@ -86,22 +86,22 @@ ACCELERATE_FSDP2 = [sys.executable, "-m", "accelerate.commands.launch", "--confi
 ACCELERATE_FSDP2 += [str(ROOT / "configs/accelerate/fsdp2.yaml"), "--num_processes", "2"]
 
 
-def run_trainer_fsdp2(launcher: list[str], output_dir: Path, *options: str) -> dict:
-    """scripts/train.py started by `launcher` on 2 CPU ranks, through the Trainer's FSDP2 path, the one process's
-    4 rows per step split over them; returns the run's trainer state."""
-    command = [*launcher, str(ENTRY), *TRAIN, "--per_device_train_batch_size", "2", "--output_dir", str(output_dir)]
+def run_trainer_fsdp2(launcher: list[str], output_dir: Path, *options: str, script: list[str] = TRAIN) -> dict:
+    """`script` (a training script and its options) started by `launcher` on 2 CPU ranks, through the Trainer's
+    FSDP2 path, the one process's 4 rows per step split over them; returns the run's trainer state."""
+    command = [*launcher, str(ENTRY), *script, "--per_device_train_batch_size", "2", "--output_dir", str(output_dir)]
     command += options
     subprocess.run(command, check=True, env={**ENVIRONMENT, "ACCELERATE_USE_CPU": "true"}, timeout=300)
     return json.loads((output_dir / "trainer_state.json").read_text())
 
 
 def _losses_and_evaluation(state: dict) -> tuple[list[float], list[float]]:
+    """Each step's training loss, and the first evaluation's cross-entropy and router losses (none if no
+    evaluation ran)."""
     history = state["log_history"]
-    evaluation = next(entry for entry in history if "eval_loss" in entry)
-    return [entry["loss"] for entry in history if "loss" in entry], [
-        evaluation["eval_loss"],
-        evaluation["eval_router_loss"],
-    ]
+    evaluation = next((entry for entry in history if "eval_loss" in entry), {})
+    losses = [entry["loss"] for entry in history if "loss" in entry]
+    return losses, [evaluation[key] for key in ("eval_loss", "eval_router_loss") if key in evaluation]
 
 
 @pytest.mark.slow
@@ -134,6 +134,46 @@ def test_trainer_fsdp2_trains_like_one_process_resumes_and_saves_one_folder(tmp_
 
     bfloat16_losses, _ = _losses_and_evaluation(run_trainer_fsdp2(ACCELERATE_FSDP2, tmp_path / "bf16"))
     assert bfloat16_losses == pytest.approx(expected[0], rel=1e-2)
+
+
+@pytest.mark.slow
+def test_lora_finetuning_under_fsdp2_trains_like_one_process_resumes_exactly_and_merges(tmp_path):
+    """`hf-switch finetune` (scripts/finetune_lora.py, attention and expert adapters) through the Trainer's FSDP2
+    path on 2 CPU ranks: the losses of one process on the same global batch; resumed from its step-2 checkpoint it
+    ends with the same adapter, bit for bit; the `--merge`d folder equals the adapter merged onto the base in one
+    process."""
+    from hf_switch.lora import load_adapter
+    from hf_switch.training import main as train
+
+    pairs = write_swap_pairs(tmp_path / "pairs.jsonl")
+    common = ["--preset", "tiny", "--report_to", "none", "--eval_strategy", "no", "--objective", "seq2seq"]
+    common += ["--train_file", str(pairs)]
+    base = tmp_path / "base"
+    train([*common, "--max_steps", "1", "--per_device_train_batch_size", "4", "--output_dir", str(base)])
+    finetune = [str(ROOT / "scripts/finetune_lora.py"), *common, "--model_name_or_path", str(base), "--seed", "3"]
+    finetune += ["--max_steps", "4", "--save_steps", "2", "--logging_steps", "1", "--config_overrides"]
+    finetune += ["expert_dropout=0,dropout_rate=0,router_jitter_noise=0,load_balancing_scope=global_batch"]
+    one = tmp_path / "one"
+    command = [sys.executable, *finetune, "--per_device_train_batch_size", "4", "--output_dir", str(one)]
+    subprocess.run(command, check=True, env=ENVIRONMENT, timeout=300)
+    whole = tmp_path / "whole"
+    sharded = run_trainer_fsdp2(TORCHRUN, whole, *TRAINER_FSDP2, "--merge", script=finetune)
+    expected = json.loads((one / "trainer_state.json").read_text())
+    assert _losses_and_evaluation(sharded)[0] == pytest.approx(_losses_and_evaluation(expected)[0], rel=1e-5)
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(whole / "checkpoint-2", resumed / "checkpoint-2")
+    resume = ["--resume_from_checkpoint", str(resumed / "checkpoint-2")]
+    run_trainer_fsdp2(TORCHRUN, resumed, *TRAINER_FSDP2, *resume, script=finetune)
+    adapter, again = load_file(whole / "adapter_model.safetensors"), load_file(resumed / "adapter_model.safetensors")
+    assert any(".experts.lora_" in key for key in adapter)
+    assert adapter.keys() == again.keys() and all(torch.equal(adapter[key], again[key]) for key in adapter)
+
+    merged = load_adapter(SwitchForConditionalGeneration.from_pretrained(base), whole).merge_and_unload().eval()
+    batch = random_batch(batch=4, seed=3)
+    with torch.no_grad():
+        expected_logits = SwitchForConditionalGeneration.from_pretrained(whole / "merged").eval()(**batch).logits
+        torch.testing.assert_close(merged(**batch).logits, expected_logits, rtol=0, atol=1e-5)
 
 
 @pytest.mark.slow

@@ -145,7 +145,8 @@ class SwitchExpertsLora(nn.Module, LoraLayer):
                 merged = weights[name].data + delta.to(weights[name].dtype)
                 if safe_merge and not torch.isfinite(merged).all():
                     raise ValueError(f"Merging adapter {adapter!r} into {name} gives non-finite weights.")
-                weights[name].data = merged
+                # In place: FSDP2 keeps the storage of the parameters it shards, and gathers from it when saving.
+                weights[name].data.copy_(merged)
             self.merged_adapters.append(adapter)
 
     def unmerge(self) -> None:

@@ -24,6 +24,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils import load_peft_weights
 from safetensors.torch import save_file
 from torch import nn
+from torch.distributed.tensor import DTensor
 from transformers import TrainerCallback
 
 from .configuration_switch import SwitchConfig
@@ -203,11 +204,13 @@ class ExpertLoraGradientCheck(TrainerCallback):
     At initialisation LoRA's B is zero, so only B's gradient can be non-zero on the first step; that is what is
     checked, for each adapted expert parameter of each sparse layer. Hooks see the gradients as the backward pass
     computes them, whichever engine then steps (DeepSpeed's ZeRO moves them out of `.grad` and steps inside
-    `backward`, before any callback could look).
+    `backward`, before any callback could look). FSDP2 runs the backward on gathered copies of the parameters, which
+    the hooks do not see, and leaves each parameter's share of the reduced gradient in `.grad` before the optimizer
+    steps: those are read then, and what any process saw counts for all.
     """
 
     def __init__(self):
-        self.received: dict[str, torch.Tensor] = {}
+        self.factors: list[tuple[str, torch.nn.Parameter, torch.Tensor]] = []
         self.hooks = []
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -216,14 +219,28 @@ class ExpertLoraGradientCheck(TrainerCallback):
                 continue
             for adapter in module.active_adapters:
                 for weight, factor in module.lora_B[adapter].items():
-                    received = self.received[f"adapter {adapter!r} of {name}.{weight}"] = torch.zeros((), dtype=bool)
+                    received = torch.zeros((), dtype=bool)
+                    self.factors.append((f"adapter {adapter!r} of {name}.{weight}", factor, received))
                     self.hooks.append(factor.register_hook(partial(_record_gradient, received)))
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if not self.hooks:  # checked already
+            return
+        for _, factor, received in self.factors:
+            if factor.grad is not None:
+                gradient = factor.grad.to_local() if isinstance(factor.grad, DTensor) else factor.grad
+                _record_gradient(received, gradient)
+        if torch.distributed.is_initialized():
+            seen = torch.stack([received for *_, received in self.factors]).to(args.device, torch.uint8)
+            torch.distributed.all_reduce(seen, op=torch.distributed.ReduceOp.MAX)
+            for (*_, received), seen_anywhere in zip(self.factors, seen.bool().cpu(), strict=True):
+                received.logical_or_(seen_anywhere)
 
     def on_step_end(self, args, state, control, **kwargs):
         for hook in self.hooks:
             hook.remove()
-        self.hooks, received, self.received = [], self.received, {}
-        for adapter, gradient_seen in received.items():
+        self.hooks, factors, self.factors = [], self.factors, []
+        for adapter, _, gradient_seen in factors:
             if not gradient_seen:
                 raise RuntimeError(
                     f"The LoRA {adapter} received no gradient on the first step: it is not part of the computation "
@@ -284,10 +301,11 @@ def finetune_main(argv: list[str] | None = None) -> dict:
     )
     merged_dir = Path(training_args.output_dir) / "merged"
     expert_parallel = getattr(trainer.model.config, "expert_parallel_size", 1) > 1
-    if lora_args.merge and (expert_parallel or trainer.is_world_process_zero()):
-        # Every rank of an expert-parallel model merges its experts' adapters; the save gathers them.
+    if lora_args.merge and (expert_parallel or trainer.is_fsdp_enabled or trainer.is_world_process_zero()):
+        # Every rank of an expert-parallel or FSDP model merges its share of the adapters; the save gathers them.
         merged = trainer.model.merge_and_unload()
-        merged.save_pretrained(merged_dir, is_main_process=trainer.is_world_process_zero())
+        state_dict = trainer.accelerator.get_state_dict(merged) if trainer.is_fsdp_enabled else None
+        merged.save_pretrained(merged_dir, state_dict=state_dict, is_main_process=trainer.is_world_process_zero())
         if trainer.is_world_process_zero():
             trainer.processing_class.save_pretrained(merged_dir)
     end_training(trainer)
