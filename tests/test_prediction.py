@@ -207,3 +207,11 @@ def test_evaluation_scores_compare_with_the_raw_references(run):
     assert decoded["bleu"] == pytest.approx(100.0) and raw["bleu"] < 100
     with pytest.raises(ValueError, match="2 predictions for 3 references"):
         generation_metrics(tokenizer, "bleu", references=[*references, "extra"])(evaluation)
+
+    # Several processes' even batches repeat the first samples after the last; the scores leave them out.
+    rows = [0, 1, 0, 1, 0]
+    padded = EvalPrediction(predictions=evaluation.predictions[rows], label_ids=evaluation.label_ids[rows])
+    assert generation_metrics(tokenizer, "bleu,chrf", references=references)(padded) == raw
+    others = EvalPrediction(predictions=evaluation.predictions[rows], label_ids=evaluation.label_ids[[0, 1, 1, 0, 0]])
+    with pytest.raises(ValueError, match="5 predictions for 2 references"):
+        generation_metrics(tokenizer, "bleu", references=references)(others)

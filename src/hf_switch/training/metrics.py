@@ -36,6 +36,8 @@ def generation_metrics(tokenizer, names: str, references: list[str] | None = Non
 
     def compute_metrics(evaluation) -> dict[str, float]:
         predictions, labels = evaluation.predictions, evaluation.label_ids
+        if references is not None:
+            predictions, labels = _without_repeats(predictions, labels, len(references))
         predictions = np.where(predictions < 0, tokenizer.pad_token_id, predictions)
         decoded_predictions = [text.strip() for text in tokenizer.batch_decode(predictions, skip_special_tokens=True)]
         if references is None:
@@ -55,3 +57,18 @@ def generation_metrics(tokenizer, names: str, references: list[str] | None = Non
         return {**scores, "gen_len": float(np.mean(lengths))}
 
     return compute_metrics
+
+
+def _without_repeats(predictions: np.ndarray, labels: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first `count` rows of `predictions` and `labels`, when the rows beyond are repeats of the first samples.
+
+    Several processes evaluate in even batches: accelerate fills the last ones with the evaluation set's first
+    samples again, and Seq2SeqTrainer gathers those repeats too (`accelerator.gather`), after the `count` samples.
+    Rows beyond that are not repeats (their labels differ) are left for the caller to refuse.
+    """
+    extra = len(predictions) - count
+    if extra <= 0 or count == 0:
+        return predictions, labels
+    if not np.array_equal(labels[count:], labels[np.arange(extra) % count]):
+        return predictions, labels
+    return predictions[:count], labels[:count]
