@@ -28,4 +28,5 @@ gathered = [None] * dist.get_world_size()
 dist.all_gather_object(gathered, {"counts": counts, "biases": biases})
 if rank == 0:
     Path(sys.argv[1], "ranks.json").write_text(json.dumps(gathered))
+dist.barrier()  # without it, rank 0 aborted now and then (SIGABRT) after its peer destroyed the group and exited
 dist.destroy_process_group()

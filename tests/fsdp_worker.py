@@ -76,4 +76,5 @@ if rank == 0:
     biases = [module.expert_bias.tolist() for module in model.modules() if isinstance(module, SwitchRouter)]
     run = {"losses": losses, "resumed_loss": resumed_loss, "expert_bias": biases, "tokens_per_expert": gathered}
     (folder / "run.json").write_text(json.dumps(run))
+dist.barrier()  # without it, rank 0 aborted now and then (SIGABRT) after its peer destroyed the group and exited
 dist.destroy_process_group()
