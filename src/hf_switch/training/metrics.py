@@ -64,7 +64,7 @@ def _without_repeats(predictions: np.ndarray, labels: np.ndarray, count: int) ->
 
     Several processes evaluate in even batches: accelerate fills the last ones with the evaluation set's first
     samples again, and Seq2SeqTrainer gathers those repeats too (`accelerator.gather`), after the `count` samples.
-    Rows beyond that are not repeats (their labels differ) are left for the caller to refuse.
+    When the rows beyond are not repeats (their labels differ), every row is returned, for the caller to refuse.
     """
     extra = len(predictions) - count
     if extra <= 0 or count == 0:

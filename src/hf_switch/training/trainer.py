@@ -17,8 +17,9 @@ class SwitchTrainer(Seq2SeqTrainer):
     After each optimizer step it clears the routers' per-step expert counts (`BalancingStepCallback`, which the
     global-batch load-balancing loss reads). With `expert_parallel_size > 1` it puts the expert weights of the
     optimizer it builds in DeepSpeed MoE parameter groups (which ZeRO 1/2 require of a client optimizer), and gathers
-    every expert when it saves, so that its folders load in one process. For other models it is `Seq2SeqTrainer`
-    with that callback.
+    every expert when it saves, so that its folders load in one process. Under FSDP2 it has accelerate leave the
+    embeddings to the root unit (`sharding.embeddings_left_to_the_root_unit`). For other models it is
+    `Seq2SeqTrainer` with that callback.
 
     In evaluation, `eval_loss` is the cross-entropy alone, as a dense T5's is: the model's own loss adds the routers'
     weighted load-balancing and z losses, regularisers of training that would count against a Switch model in any
