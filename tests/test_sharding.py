@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import one_process_losses, random_batch, run_two_nodes, tiny_model, write_swap_pairs
 from safetensors.torch import load_file
+from transformers import AutoModelForSeq2SeqLM, T5ForConditionalGeneration
 
 from hf_switch import SwitchForConditionalGeneration
 from hf_switch.routing import SwitchRouter
@@ -174,6 +175,36 @@ def test_lora_finetuning_under_fsdp2_trains_like_one_process_resumes_exactly_and
     with torch.no_grad():
         expected_logits = SwitchForConditionalGeneration.from_pretrained(whole / "merged").eval()(**batch).logits
         torch.testing.assert_close(merged(**batch).logits, expected_logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_distillation_under_fsdp2_trains_the_t5_student_like_one_process(tmp_path):
+    """`hf-switch distill` through the Trainer's FSDP2 path on 2 CPU ranks, the dense T5 student sharded one unit per
+    `T5Block` (its shared embedding tied into both stacks, as a Switch model's): the losses of one process on the
+    same global batch, and a student folder that loads as a T5 model."""
+    from hf_switch.training import main as train
+
+    pairs = write_swap_pairs(tmp_path / "pairs.jsonl")
+    common = ["--preset", "tiny", "--report_to", "none", "--eval_strategy", "no", "--objective", "seq2seq"]
+    common += ["--train_file", str(pairs)]
+    teacher = tmp_path / "teacher"
+    # No dropout, which the student takes from the teacher: each rank would draw its own.
+    no_dropout = ["--config_overrides", "dropout_rate=0,router_jitter_noise=0", "--per_device_train_batch_size", "4"]
+    train([*common, *no_dropout, "--max_steps", "1", "--output_dir", str(teacher)])
+    distill = [str(ROOT / "scripts/distill.py"), *common, "--model_name_or_path", str(teacher), "--seed", "3"]
+    distill += ["--max_steps", "3", "--logging_steps", "1"]
+    one = tmp_path / "one"
+    command = [sys.executable, *distill, "--per_device_train_batch_size", "4", "--output_dir", str(one)]
+    subprocess.run(command, check=True, env=ENVIRONMENT, timeout=300)
+    student_fsdp2 = [
+        "--fsdp",
+        "--fsdp_config",
+        json.dumps({**FSDP2_CONFIG, "transformer_layer_cls_to_wrap": ["T5Block"]}),
+    ]
+    sharded = run_trainer_fsdp2(TORCHRUN, tmp_path / "fsdp2", *student_fsdp2, script=distill)
+    expected = json.loads((one / "trainer_state.json").read_text())
+    assert _losses_and_evaluation(sharded)[0] == pytest.approx(_losses_and_evaluation(expected)[0], rel=1e-5)
+    assert isinstance(AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "fsdp2"), T5ForConditionalGeneration)
 
 
 @pytest.mark.slow

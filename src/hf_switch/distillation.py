@@ -16,6 +16,7 @@ from transformers import Seq2SeqTrainer, T5Config, T5ForConditionalGeneration
 
 from .configuration_switch import require
 from .modeling_switch import SwitchForConditionalGeneration
+from .sharding import EmbeddingsInTheRootUnit
 from .t5_transfer import (
     copy_non_ffn_weights,
     feed_forward_weight_names,
@@ -238,7 +239,7 @@ def distillation_loss(
     return _token_average(per_token, labels, num_items_in_batch)
 
 
-class DistillationTrainer(Seq2SeqTrainer):
+class DistillationTrainer(EmbeddingsInTheRootUnit, Seq2SeqTrainer):
     """A `Seq2SeqTrainer` that trains its model (the student) on `distillation_loss` against a frozen teacher.
 
     The teacher is moved to the training device, put in eval mode and frozen; it is held by the trainer rather than

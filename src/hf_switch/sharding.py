@@ -18,8 +18,9 @@ import functools
 
 import torch
 from torch.distributed.fsdp import fully_shard
+from transformers import PreTrainedModel
 
-from .modeling_switch import SwitchBlock, SwitchPreTrainedModel
+from .modeling_switch import SwitchBlock
 
 
 def shard_model(model: torch.nn.Module, **fully_shard_options) -> torch.nn.Module:
@@ -34,15 +35,16 @@ def shard_model(model: torch.nn.Module, **fully_shard_options) -> torch.nn.Modul
 
 
 def embeddings_left_to_the_root_unit(prepare):
-    """Wrap `Accelerator.prepare` so that accelerate's FSDP2 preparation leaves a Switch model's embeddings and LM
-    head to the root unit, as `shard_model` does.
+    """Wrap `Accelerator.prepare` so that accelerate's FSDP2 preparation leaves an encoder-decoder's embeddings and
+    LM head to the root unit, as `shard_model` does.
 
     accelerate 1.16 puts the modules that `get_input_embeddings()` / `get_output_embeddings()` return into a unit of
     their own. An encoder-decoder's stacks hold the shared embedding weight in modules of their own
-    (`encoder.embed_tokens`, `decoder.embed_tokens`, tied to `shared` as in transformers' T5), which stay in the root
-    unit, and torch 2.13 refuses a parameter in two units on the first forward ("Parameter 'shared.weight' is shared
-    with a parameter already managed by another FSDP group"). While `prepare` runs, the Switch models among its
-    arguments (also inside a peft model) name no embeddings.
+    (`encoder.embed_tokens`, `decoder.embed_tokens`, tied to `shared`: Switch models, and transformers' T5, which a
+    distilled student is), which stay in the root unit, and torch 2.13 refuses a parameter in two units on the first
+    forward ("Parameter 'shared.weight' is shared with a parameter already managed by another FSDP group"). While
+    `prepare` runs, the models among its arguments (also inside a peft model) whose embedding weight other modules
+    share name no embeddings.
     """
 
     @functools.wraps(prepare)
@@ -52,7 +54,7 @@ def embeddings_left_to_the_root_unit(prepare):
             for candidate in objects
             if isinstance(candidate, torch.nn.Module)
             for module in candidate.modules()
-            if isinstance(module, SwitchPreTrainedModel)
+            if isinstance(module, PreTrainedModel) and _others_share_its_embedding(module)
         ]
         for model in models:
             model.get_input_embeddings = model.get_output_embeddings = _no_embeddings
@@ -65,8 +67,26 @@ def embeddings_left_to_the_root_unit(prepare):
     return prepare_with_embeddings_in_the_root_unit
 
 
+def _others_share_its_embedding(model: PreTrainedModel) -> bool:
+    embeddings = model.get_input_embeddings()
+    if embeddings is None:
+        return False
+    own = {embeddings, model.get_output_embeddings()}
+    return any(getattr(module, "weight", None) is embeddings.weight for module in model.modules() if module not in own)
+
+
 def _no_embeddings() -> None:
     return None
+
+
+class EmbeddingsInTheRootUnit:
+    """Trainer mixin: under FSDP2, accelerate's preparation leaves shared encoder-decoder embeddings to the root
+    unit (`embeddings_left_to_the_root_unit`)."""
+
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        if self.is_fsdp_enabled and self.accelerator.is_fsdp2:
+            self.accelerator.prepare = embeddings_left_to_the_root_unit(self.accelerator.prepare)
 
 
 def check_fsdp_engine(trainer) -> None:

@@ -7,11 +7,11 @@ import torch
 from transformers import Seq2SeqTrainer
 
 from ..modeling_switch import SwitchForConditionalGeneration
-from ..sharding import embeddings_left_to_the_root_unit
+from ..sharding import EmbeddingsInTheRootUnit
 from .callbacks import BalancingStepCallback
 
 
-class SwitchTrainer(Seq2SeqTrainer):
+class SwitchTrainer(EmbeddingsInTheRootUnit, Seq2SeqTrainer):
     """A `Seq2SeqTrainer` for Switch models, also those whose experts are spread over ranks.
 
     After each optimizer step it clears the routers' per-step expert counts (`BalancingStepCallback`, which the
@@ -30,11 +30,6 @@ class SwitchTrainer(Seq2SeqTrainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.add_callback(BalancingStepCallback)
-
-    def create_accelerator_and_postprocess(self):
-        super().create_accelerator_and_postprocess()
-        if self.is_fsdp_enabled and self.accelerator.is_fsdp2:
-            self.accelerator.prepare = embeddings_left_to_the_root_unit(self.accelerator.prepare)
 
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
