@@ -96,6 +96,25 @@ def run_trainer_fsdp2(launcher: list[str], output_dir: Path, *options: str, scri
     return json.loads((output_dir / "trainer_state.json").read_text())
 
 
+def run_one_process(output_dir: Path, script: list[str] = TRAIN) -> dict:
+    """`script` in one process on the 4 rows per step the FSDP2 runs split; returns the run's trainer state."""
+    command = [sys.executable, *script, "--per_device_train_batch_size", "4", "--output_dir", str(output_dir)]
+    subprocess.run(command, check=True, env=ENVIRONMENT, timeout=300)
+    return json.loads((output_dir / "trainer_state.json").read_text())
+
+
+def train_swap_base(tmp_path: Path, name: str, *options: str) -> tuple[list[str], Path]:
+    """The options every run on the word-swap pairs shares, and a Switch model trained one step on them (`name`)."""
+    from hf_switch.training import main as train
+
+    pairs = write_swap_pairs(tmp_path / "pairs.jsonl")
+    common = ["--preset", "tiny", "--report_to", "none", "--eval_strategy", "no", "--objective", "seq2seq"]
+    common += ["--train_file", str(pairs)]
+    base = tmp_path / name
+    train([*common, *options, "--max_steps", "1", "--per_device_train_batch_size", "4", "--output_dir", str(base)])
+    return common, base
+
+
 def _losses_and_evaluation(state: dict) -> tuple[list[float], list[float]]:
     """Each step's training loss, and the first evaluation's cross-entropy and router losses (none if no
     evaluation ran)."""
@@ -113,10 +132,8 @@ def test_trainer_fsdp2_trains_like_one_process_resumes_and_saves_one_folder(tmp_
     its checkpoint under `accelerate launch` with configs/accelerate/fsdp2.yaml, it ends with the same weights; with
     that config's bfloat16 mixed precision it trains (the router still in float32) and tracks the float32 run."""
     one = tmp_path / "one"
-    command = [sys.executable, *TRAIN, "--per_device_train_batch_size", "4", "--output_dir", str(one)]
-    subprocess.run(command, check=True, env=ENVIRONMENT, timeout=300)
+    expected = _losses_and_evaluation(run_one_process(one))
     sharded = run_trainer_fsdp2(TORCHRUN, tmp_path / "fsdp2", *TRAINER_FSDP2)
-    expected = _losses_and_evaluation(json.loads((one / "trainer_state.json").read_text()))
     for measured, reference in zip(_losses_and_evaluation(sharded), expected, strict=True):
         assert measured == pytest.approx(reference, rel=1e-5)
 
@@ -144,22 +161,14 @@ def test_lora_finetuning_under_fsdp2_trains_like_one_process_resumes_exactly_and
     ends with the same adapter, bit for bit; the `--merge`d folder equals the adapter merged onto the base in one
     process."""
     from hf_switch.lora import load_adapter
-    from hf_switch.training import main as train
 
-    pairs = write_swap_pairs(tmp_path / "pairs.jsonl")
-    common = ["--preset", "tiny", "--report_to", "none", "--eval_strategy", "no", "--objective", "seq2seq"]
-    common += ["--train_file", str(pairs)]
-    base = tmp_path / "base"
-    train([*common, "--max_steps", "1", "--per_device_train_batch_size", "4", "--output_dir", str(base)])
+    common, base = train_swap_base(tmp_path, "base")
     finetune = [str(ROOT / "scripts/finetune_lora.py"), *common, "--model_name_or_path", str(base), "--seed", "3"]
     finetune += ["--max_steps", "4", "--save_steps", "2", "--logging_steps", "1", "--config_overrides"]
     finetune += ["expert_dropout=0,dropout_rate=0,router_jitter_noise=0,load_balancing_scope=global_batch"]
-    one = tmp_path / "one"
-    command = [sys.executable, *finetune, "--per_device_train_batch_size", "4", "--output_dir", str(one)]
-    subprocess.run(command, check=True, env=ENVIRONMENT, timeout=300)
+    expected = run_one_process(tmp_path / "one", script=finetune)
     whole = tmp_path / "whole"
     sharded = run_trainer_fsdp2(TORCHRUN, whole, *TRAINER_FSDP2, "--merge", script=finetune)
-    expected = json.loads((one / "trainer_state.json").read_text())
     assert _losses_and_evaluation(sharded)[0] == pytest.approx(_losses_and_evaluation(expected)[0], rel=1e-5)
 
     resumed = tmp_path / "resumed"
@@ -182,27 +191,17 @@ def test_distillation_under_fsdp2_trains_the_t5_student_like_one_process(tmp_pat
     """`hf-switch distill` through the Trainer's FSDP2 path on 2 CPU ranks, the dense T5 student sharded one unit per
     `T5Block` (its shared embedding tied into both stacks, as a Switch model's): the losses of one process on the
     same global batch, and a student folder that loads as a T5 model."""
-    from hf_switch.training import main as train
-
-    pairs = write_swap_pairs(tmp_path / "pairs.jsonl")
-    common = ["--preset", "tiny", "--report_to", "none", "--eval_strategy", "no", "--objective", "seq2seq"]
-    common += ["--train_file", str(pairs)]
-    teacher = tmp_path / "teacher"
     # No dropout, which the student takes from the teacher: each rank would draw its own.
-    no_dropout = ["--config_overrides", "dropout_rate=0,router_jitter_noise=0", "--per_device_train_batch_size", "4"]
-    train([*common, *no_dropout, "--max_steps", "1", "--output_dir", str(teacher)])
+    common, teacher = train_swap_base(tmp_path, "teacher", "--config_overrides", "dropout_rate=0,router_jitter_noise=0")
     distill = [str(ROOT / "scripts/distill.py"), *common, "--model_name_or_path", str(teacher), "--seed", "3"]
     distill += ["--max_steps", "3", "--logging_steps", "1"]
-    one = tmp_path / "one"
-    command = [sys.executable, *distill, "--per_device_train_batch_size", "4", "--output_dir", str(one)]
-    subprocess.run(command, check=True, env=ENVIRONMENT, timeout=300)
+    expected = run_one_process(tmp_path / "one", script=distill)
     student_fsdp2 = [
         "--fsdp",
         "--fsdp_config",
         json.dumps({**FSDP2_CONFIG, "transformer_layer_cls_to_wrap": ["T5Block"]}),
     ]
     sharded = run_trainer_fsdp2(TORCHRUN, tmp_path / "fsdp2", *student_fsdp2, script=distill)
-    expected = json.loads((one / "trainer_state.json").read_text())
     assert _losses_and_evaluation(sharded)[0] == pytest.approx(_losses_and_evaluation(expected)[0], rel=1e-5)
     assert isinstance(AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "fsdp2"), T5ForConditionalGeneration)
 

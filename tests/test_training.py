@@ -20,6 +20,10 @@ from hf_switch.training.train import FROM_SCRATCH_DEFAULTS, parse_arguments
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 TINY = ["--preset", "tiny", "--report_to", "none", "--per_device_train_batch_size", "4", "--logging_steps", "1"]
+# Two DDP processes on CPU (gloo); one thread each, as more processes than cores need.
+DDP_LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+DDP_LAUNCH += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+DDP_ENVIRONMENT = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "false"}
 
 
 @pytest.fixture(scope="module")
@@ -199,11 +203,8 @@ def test_two_processes_report_the_loss_of_one_process_with_the_same_global_batch
     common += ["--config_overrides", "dropout_rate=0,router_jitter_noise=0"]
     single = [*TINY, "--per_device_train_batch_size", "8", "--output_dir", str(tmp_path / "one"), *common]
     main(single)
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     double = [*TINY, "--per_device_train_batch_size", "4", "--output_dir", str(tmp_path / "two"), *common]
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "false"}
-    subprocess.run([*launch, str(SCRIPTS / "train.py"), *double], check=True, env=environment, timeout=600)
+    subprocess.run([*DDP_LAUNCH, str(SCRIPTS / "train.py"), *double], check=True, env=DDP_ENVIRONMENT, timeout=600)
 
     def first_loss(folder):
         history = json.loads((folder / "trainer_state.json").read_text())["log_history"]
@@ -227,11 +228,8 @@ def test_two_processes_evaluate_with_generation_like_one_process(tmp_path):
     evaluate += ["--generation_max_length", "8", "--per_device_eval_batch_size", "3", "--save_strategy", "no"]
     single = [sys.executable, *evaluate, "--per_device_train_batch_size", "4", "--output_dir", str(tmp_path / "one")]
     subprocess.run(single, check=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    double = [*launch, *evaluate, "--per_device_train_batch_size", "2", "--output_dir", str(tmp_path / "two")]
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "false"}
-    subprocess.run(double, check=True, env=environment, timeout=600)
+    double = [*DDP_LAUNCH, *evaluate, "--per_device_train_batch_size", "2", "--output_dir", str(tmp_path / "two")]
+    subprocess.run(double, check=True, env=DDP_ENVIRONMENT, timeout=600)
 
     one, two = (json.loads((tmp_path / run / "eval_results.json").read_text()) for run in ("one", "two"))
     assert one["eval_gen_len"] > 0 and one["eval_chrf"] > 0

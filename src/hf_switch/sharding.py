@@ -2,8 +2,8 @@
 
 One FSDP unit per `SwitchBlock` (a block's experts are gathered and freed together, never split across units),
 then the whole model for the embeddings, final norms and LM head: the model's `_no_split_modules`, which is also the
-wrap policy accelerate's FSDP plugin takes (`configs/accelerate/fsdp2.yaml`), and `SwitchTrainer` makes accelerate
-leave the embeddings to the root unit too (`embeddings_left_to_the_root_unit`).
+wrap policy accelerate's FSDP plugin takes (`configs/accelerate/fsdp2.yaml`); hf_switch's trainers make accelerate
+leave the embeddings to the root unit too (`EmbeddingsInTheRootUnit`).
 
 Uneven routing cannot hang it: a unit's parameters are gathered when the block runs, and every rank runs every
 block, whichever experts its tokens chose (the experts of a layer are one stacked parameter per weight, not one
